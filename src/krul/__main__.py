@@ -1,0 +1,3 @@
+from krul.cli import main
+
+raise SystemExit(main())

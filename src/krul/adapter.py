@@ -1,0 +1,153 @@
+"""The one module that touches transformers internals: layers, rotary embeddings, masks, caches.
+
+Supported families: Llama-style decoders whose `model.model` has `embed_tokens`, `rotary_emb`,
+`layers[i]` (a decoder layer callable on a slice of hidden states) and `norm`: Llama, Qwen2 (and
+SmolLM2, which is a Llama). The adapter knows nothing about policies, stores or conversations: it
+runs forwards, recomputes the KV of a prefix layer by layer (the pyramid restore), and converts
+between `DynamicCache` and per-layer `(keys, values)` tuples of shape
+`(batch, kv_heads, tokens, head_dim)`.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+SUPPORTED_FAMILIES = ("llama", "qwen2")
+STATE_FORMAT_VERSION = 1
+
+
+class AdapterError(ValueError):
+    """The model is not one the adapter knows how to drive."""
+
+
+class ModelAdapter:
+    """Drive a causal LM at the granularity restoration needs.
+
+    Parameters
+    ----------
+    model : a transformers `*ForCausalLM` of a supported family, in eval mode.
+    tokenizer : its tokenizer, or None for timing-only models.
+    name : the registry name, part of the fingerprint of stored states.
+    """
+
+    def __init__(self, model, tokenizer=None, name: str | None = None):
+        config = model.config
+        if config.model_type not in SUPPORTED_FAMILIES:
+            raise AdapterError(f"model type {config.model_type!r} is not supported; supported: "
+                               f"{', '.join(SUPPORTED_FAMILIES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(config, "name_or_path", "") or config.model_type
+        self.config = config
+        self.n_layers: int = config.num_hidden_layers
+        self.n_heads: int = config.num_attention_heads
+        self.n_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.max_tokens: int = config.max_position_embeddings
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation
+
+    def layer_kv_bytes_per_token(self) -> int:
+        """Bytes of one layer's K and V for one token in the model's dtype."""
+        return 2 * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def fingerprint(self) -> dict:
+        """What a stored state must match to be restored into this model."""
+        tok = ""
+        if self.tokenizer is not None:
+            vocab = self.tokenizer.get_vocab()
+            blob = "\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items(), key=lambda kv: kv[1]))
+            blob += str(getattr(self.tokenizer, "chat_template", ""))
+            tok = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return {"model": self.name, "tokenizer": tok, "dtype": str(self.dtype).replace("torch.", ""),
+                "n_layers": self.n_layers, "kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "format_version": STATE_FORMAT_VERSION}
+
+    # -- caches ------------------------------------------------------------------------------
+    @staticmethod
+    def cache_from_kv(layers: Sequence[KV]) -> DynamicCache:
+        """A `DynamicCache` holding the given per-layer tensors (no copy)."""
+        return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
+
+    @staticmethod
+    def kv_from_cache(cache) -> list[KV]:
+        """Per-layer `(keys, values)` of a cache: each `(batch, kv_heads, tokens, head_dim)`."""
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @staticmethod
+    def crop(cache, n_keep: int) -> None:
+        """Keep the first `n_keep` tokens of every layer (crop's sign convention changed in 5.x)."""
+        for layer in cache.layers:
+            if layer.keys is not None and layer.keys.shape[-2] > n_keep:
+                layer.keys = layer.keys[..., :n_keep, :]
+                layer.values = layer.values[..., :n_keep, :]
+
+    # -- forwards ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache, logits_to_keep: int = 0) -> torch.Tensor:
+        """One forward over new tokens on top of `cache` (updated in place).
+
+        input_ids : (1, q) ; returns logits (1, q or logits_to_keep, vocab) in float32.
+        """
+        out = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=logits_to_keep)
+        return out.logits.float()
+
+    def _causal_mask(self, n: int) -> torch.Tensor | None:
+        """Mask for a full causal self-attention over n tokens; SDPA/flash take None (is_causal)."""
+        if self.attn_implementation in ("sdpa", "flash_attention_2", "flash_attention_3"):
+            return None
+        mask = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        return torch.triu(mask, diagonal=1)[None, None]
+
+    @torch.inference_mode()
+    def recompute_prefix(self, input_ids: torch.Tensor, lengths: Sequence[int]) -> list[KV | None]:
+        """Recompute, layer by layer, the KV of layer l's first `lengths[l]` tokens (the pyramid).
+
+        Layer l runs on the hidden states of tokens [0:L_l] produced by layer l-1, which exist
+        because `lengths` is non-increasing; causal attention makes the result exact.
+
+        input_ids : (1, >= lengths[0]) ; lengths : (n_layers,) non-increasing.
+        Returns per layer `(keys, values)` of shape (1, kv_heads, L_l, head_dim), None where L_l = 0.
+        """
+        if len(lengths) != self.n_layers:
+            raise ValueError(f"lengths has {len(lengths)} entries for {self.n_layers} layers")
+        if any(b > a for a, b in zip(lengths, lengths[1:])):
+            raise ValueError(f"recompute lengths must be non-increasing with depth: {list(lengths)}")
+        out: list[KV | None] = [None] * self.n_layers
+        n0 = int(lengths[0])
+        if n0 == 0:
+            return out
+        inner = self.model.model
+        ids = input_ids[:, :n0].to(self.device)
+        positions = torch.arange(n0, device=self.device)[None]
+        hidden = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(hidden, position_ids=positions)
+        capture = DynamicCache()
+        last = max(i for i, n in enumerate(lengths) if n > 0)
+        for layer_idx in range(last + 1):
+            n = int(lengths[layer_idx])
+            hidden = hidden[:, :n]
+            hidden = inner.layers[layer_idx](
+                hidden, attention_mask=self._causal_mask(n), position_ids=positions[:, :n],
+                past_key_values=capture, use_cache=True,
+                position_embeddings=(cos[:, :n], sin[:, :n]))
+            layer = capture.layers[layer_idx]
+            out[layer_idx] = (layer.keys, layer.values)
+        return out

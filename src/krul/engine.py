@@ -1,0 +1,236 @@
+"""The per-turn loop: restore -> prefill the new input -> decode (+ estimate) -> compress -> offload.
+
+At user turn t the model conditions on exactly the tokens of
+`apply_chat_template(messages_before_turn_t + [user_t], add_generation_prompt=True)`. The history
+restored from the store is the previous turn's state; the new input is what follows it. Replay is
+teacher-forced by default: after the model's own answer is generated (and reported), the real
+assistant reply is prefilled over the history, which also gives its likelihood (`reply_nll`), and
+that history is offloaded. With `history="model"` the generated answer becomes the history.
+
+The engine knows nothing about file paths, plotting or where conversations come from.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from krul.adapter import ModelAdapter
+from krul.policies import RestorePolicy, get_policy
+from krul.restore import restore
+from krul.store import KVStore, StoreError
+
+
+class EngineError(ValueError):
+    """Bad input to the engine (empty message, too long, wrong roles): the message says what to do."""
+
+
+@dataclass
+class TurnResult:
+    """One user turn's record (the row `krul replay --json` prints)."""
+
+    conversation_id: str
+    turn_idx: int
+    policy: str
+    history_tokens: int
+    new_input_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    restore_s: float
+    prefill_s: float
+    stored_bytes: int  # bytes of the state restored for this turn (0 at the first turn)
+    full_kv_bytes: int  # bytes the full KV of that history would take in the model's dtype
+    offloaded_bytes: int  # bytes stored at the end of this turn
+    generated_text: str
+    generated_ids: list = field(default_factory=list)
+    reply_tokens: int = 0
+    reply_nll_sum: float = 0.0  # sum of -log p over the real reply's tokens (teacher-forced)
+    reply_token_nll: list = field(default_factory=list)
+    recompute_ratio: float = 0.0  # fraction of history token-layers recomputed in this restore
+    loaded_full_bytes: int = 0  # full KV bytes of the token-layers that were loaded
+    loaded_stored_bytes: int = 0  # stored bytes of those (compression alone)
+    restore_report: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)  # the plan of the state restored for this turn
+
+    def to_json(self, full: bool = False) -> dict:
+        row = dict(self.__dict__)
+        if not full:
+            for key in ("generated_ids", "reply_token_nll", "restore_report"):
+                row.pop(key)
+        return row
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    """Multi-turn chat over one model, one restore policy and one store.
+
+    Parameters
+    ----------
+    adapter : the model.
+    policy : a `RestorePolicy` or its registry name.
+    store : where offloaded states live (a tier).
+    max_new_tokens : generated tokens per turn (the model's own answer).
+    do_sample, temperature, seed : greedy by default; sampling uses a seeded local generator.
+    history : "teacher" (real replies form the history) or "model" (the generated answers do).
+    """
+
+    def __init__(self, adapter: ModelAdapter, policy: RestorePolicy | str, store: KVStore,
+                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 seed: int = 0, history: str = "teacher", estimator=None, rates=None):
+        if adapter.tokenizer is None:
+            raise EngineError("the engine needs a model with a tokenizer (a real model)")
+        if history not in ("teacher", "model"):
+            raise EngineError(f"history must be 'teacher' or 'model', not {history!r}")
+        self.adapter = adapter
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.store = store
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.history = history
+        self.estimator = estimator
+        self.rates = rates
+        tok = adapter.tokenizer
+        eos = {tok.eos_token_id}
+        gen_eos = getattr(adapter.model.generation_config, "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+        self.eos_ids = {i for i in eos | {im_end} if i is not None}
+
+    # -- tokens ------------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        out = self.adapter.tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True)
+        return list(out["input_ids"])
+
+    def _check_length(self, conversation_id: str, n_tokens: int) -> None:
+        limit = self.adapter.max_tokens
+        if n_tokens + self.max_new_tokens > limit:
+            raise EngineError(f"conversation {conversation_id!r} needs {n_tokens} tokens + "
+                              f"{self.max_new_tokens} new, more than the model's context of {limit}; "
+                              "use --limit/--max-turns or a shorter conversation")
+
+    # -- the turn ----------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor) -> int:
+        """logits: (vocab,) float32 -> one token id."""
+        if not self.do_sample:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.cpu() / self.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    @torch.inference_mode()
+    def turn(self, conversation_id: str, turn_idx: int, messages_before: list[dict], user: dict,
+             reply: str | None = None) -> TurnResult:
+        """Run one user turn; `reply` is the real assistant reply (teacher-forced history)."""
+        if not str(user.get("content", "")).strip():
+            raise EngineError(f"conversation {conversation_id!r} turn {turn_idx}: empty user message")
+        adapter, device = self.adapter, self.adapter.device
+        ctx_ids = self.render(messages_before + [user], add_generation_prompt=True)
+        self._check_length(conversation_id, len(ctx_ids))
+
+        # 1. restore the history
+        state = self.store.get(conversation_id) if conversation_id in self.store else None
+        if turn_idx > 0 and state is None and messages_before:
+            raise StoreError(f"conversation {conversation_id!r}: no stored state for turn {turn_idx} "
+                             f"in the {self.store.tier} tier; replay it from its first turn")
+        t_start = time.perf_counter()
+        report = None
+        if state is not None:
+            layers, report = restore(adapter, state)
+            cache = adapter.cache_from_kv(layers)
+            hist = state.token_ids.tolist()
+            keep = min(_common_prefix(hist, ctx_ids), len(ctx_ids) - 1)
+            if keep < len(hist):  # re-tokenisation changed the boundary: drop the tail, exact anyway
+                adapter.crop(cache, keep)
+        else:
+            cache, keep = DynamicCache(), 0
+        restore_s = time.perf_counter() - t_start
+
+        # 2. prefill the new input, first token
+        new_ids = torch.tensor([ctx_ids[keep:]], dtype=torch.long)
+        t_prefill = time.perf_counter()
+        logits = adapter.forward(new_ids, cache, logits_to_keep=1)[0, -1]
+        first = self._sample(logits)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        prefill_s, ttft_s = now - t_prefill, now - t_start
+        last_ctx_logits = logits
+
+        # 3. decode the model's own answer
+        generated = [first]
+        while len(generated) < self.max_new_tokens and generated[-1] not in self.eos_ids:
+            step = adapter.forward(torch.tensor([[generated[-1]]]), cache, logits_to_keep=1)[0, -1]
+            generated.append(self._sample(step))
+        text = adapter.tokenizer.decode(generated, skip_special_tokens=True)
+
+        # 4. the history to keep: the real reply (teacher-forced) or the generated answer
+        adapter.crop(cache, len(ctx_ids))
+        content = reply if (self.history == "teacher" and reply is not None) else text
+        end_ids = self.render(messages_before + [user, {"role": "assistant", "content": content}],
+                              add_generation_prompt=False)
+        keep2 = _common_prefix(ctx_ids, end_ids)
+        if keep2 < len(ctx_ids):
+            adapter.crop(cache, keep2)
+        tail = torch.tensor([end_ids[keep2:]], dtype=torch.long)
+        nll_sum, token_nll = 0.0, []
+        if tail.shape[1]:
+            tail_logits = adapter.forward(tail, cache)[0]
+            if reply is not None and self.history == "teacher" and keep2 == len(ctx_ids):
+                # position i's logits predict token i+1; the first reply token is predicted by the
+                # last context position (from step 2)
+                preds = torch.cat([last_ctx_logits[None].to(tail_logits.device), tail_logits[:-1]])
+                logp = torch.log_softmax(preds.float(), dim=-1)
+                token_nll = (-logp.gather(1, tail[0, :, None].to(logp.device))[:, 0]).tolist()
+                nll_sum = float(sum(token_nll))
+
+        # 5. compress and offload
+        full_kv_bytes = len(ctx_ids[:keep]) * adapter.n_layers * adapter.layer_kv_bytes_per_token()
+        offloaded = self.policy.offload(self, conversation_id, end_ids, cache, state)
+        del cache
+
+        restored_plan = state.meta.get("plan", {}) if state is not None else {}
+        loaded_full, loaded_stored, rec_ratio = 0, 0, 0.0
+        if state is not None:
+            n, lkb = state.n_tokens, adapter.layer_kv_bytes_per_token()
+            loaded_full = sum(n - l for l in state.recompute_lengths) * lkb
+            loaded_stored = state.kv_bytes()
+            rec_ratio = sum(state.recompute_lengths) / max(1, n * state.n_layers)
+        return TurnResult(
+            conversation_id=conversation_id, turn_idx=turn_idx, policy=self.policy.name,
+            history_tokens=keep, new_input_tokens=len(ctx_ids) - keep,
+            generated_tokens=len(generated), ttft_s=ttft_s, restore_s=restore_s, prefill_s=prefill_s,
+            stored_bytes=state.nbytes() if state is not None else 0, full_kv_bytes=full_kv_bytes,
+            offloaded_bytes=offloaded, generated_text=text, generated_ids=generated,
+            reply_tokens=len(token_nll), reply_nll_sum=nll_sum, reply_token_nll=token_nll,
+            recompute_ratio=rec_ratio, loaded_full_bytes=loaded_full, loaded_stored_bytes=loaded_stored,
+            restore_report=report.to_dict() if report is not None else {}, plan=restored_plan)
+
+    def replay(self, conversation, max_turns: int | None = None):
+        """Yield a `TurnResult` per user turn of a `data.Conversation` (its state is dropped after)."""
+        messages = conversation.messages
+        user_idx = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if max_turns is not None:
+            user_idx = user_idx[:max_turns]
+        self.store.delete(conversation.id)
+        history: list[dict] = [m for m in messages[:user_idx[0]]] if user_idx else []
+        try:
+            for turn_idx, i in enumerate(user_idx):
+                nxt = messages[i + 1] if i + 1 < len(messages) else None
+                reply = nxt["content"] if nxt is not None and nxt["role"] == "assistant" else None
+                result = self.turn(conversation.id, turn_idx, history, messages[i], reply)
+                yield result
+                content = reply if (self.history == "teacher" and reply is not None) else result.generated_text
+                history = history + [messages[i], {"role": "assistant", "content": content}]
+        finally:
+            self.store.delete(conversation.id)

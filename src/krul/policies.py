@@ -1,0 +1,174 @@
+"""Restore policies: one registry, named the same in configs, the CLI and the results.
+
+A policy decides, at the end of a turn when the conversation goes inactive, what to store: which
+layer pairs to compress (a selector from `selector.py`) and which leading tokens of each layer to
+recompute instead of storing (a split from `scheduler.py`). Executing a restore is `restore.py`'s
+job and the same for every policy.
+
+Policies and the papers they implement:
+- full-recompute: prefill the whole history again; stores only token ids.
+- full-load: CachedAttention/AttentionStore (Gao et al., ATC'24): store and load every token's KV.
+- partial-recompute: Pensieve-style fixed ratio (Yu et al., EuroSys'25): flat split, `recompute_ratio`.
+- cake: Cake (Jin et al., ICML'25): compute from the front, load from the back until they meet:
+  the flat split chosen by the cost model, no compression.
+- minicache: MiniCache (Liu et al., NeurIPS'24): fixed adjacent pairs in the deeper half, merged.
+- kvsharer: KVSharer (Yang et al., 2024): static pairs calibrated once on `dev`, DISsimilar first,
+  shared.
+- krul-fix: Krul's machinery with one plan calibrated on `dev` for every conversation.
+- krul: per-conversation pairs (estimator + preemptive selector), merge, bubble-free pyramid split.
+- ablations: krul-no-preempt, krul-fixed-split, krul-share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from krul.store import StoredState, build_state
+
+
+class PolicyError(ValueError):
+    """Unknown policy or a policy used without what it needs."""
+
+
+@dataclass(frozen=True)
+class RestorePolicy:
+    """What to store at the end of a turn.
+
+    split : "load" (store everything: r = 0), "recompute" (store nothing: r = 1), "fixed"
+        (`recompute_ratio` with pyramid `slope`), "scheduler" (the ratio minimising the larger
+        stream time under the measured rates, pyramid `slope`).
+    selector : registry name of the compression selector, or None (no cross-layer compression).
+    """
+
+    name: str
+    cite: str
+    split: str = "load"
+    recompute_ratio: float = 0.0
+    slope: float = 0.0
+    selector: str | None = None
+    selector_params: dict = field(default_factory=dict)
+    compress_params: dict = field(default_factory=dict)
+    needs_estimator: bool = False
+
+    def with_params(self, **changes) -> "RestorePolicy":
+        """A copy with fields changed (e.g. `recompute_ratio`, `selector_params`)."""
+        return replace(self, **changes)
+
+    # -- decisions ---------------------------------------------------------------------------
+    def plan(self, engine, conversation_id: str, n_layers: int):
+        """The compression plan for this conversation's new segment, or None."""
+        if self.selector is None:
+            return None
+        from krul.selector import SelectionInput, make_selector
+
+        stats = engine.estimator.stats(conversation_id) if engine.estimator is not None else None
+        if stats is None:
+            if self.needs_estimator:
+                raise PolicyError(f"policy {self.name!r} needs the attention estimator; run the engine "
+                                  "with estimate=True (the CLI does this for krul policies)")
+            distances = torch.zeros(n_layers, n_layers, dtype=torch.float64)
+            boundary = torch.ones(n_layers, dtype=torch.float64)
+        else:
+            distances, boundary = stats.distances(), stats.boundary_ratio()
+        selection = SelectionInput(distances=distances, boundary_ratio=boundary, n_layers=n_layers,
+                                   layer_bytes_per_token=float(engine.adapter.layer_kv_bytes_per_token()))
+        return make_selector(self.selector, **self.selector_params).select(selection)
+
+    def split_lengths(self, engine, n_tokens: int, n_layers: int, plan) -> tuple[tuple[int, ...], dict]:
+        """Recompute lengths L_l for the state to store, and the scheduler's prediction."""
+        from krul import scheduler
+
+        if self.split == "load":
+            return (0,) * n_layers, {}
+        if self.split == "recompute":
+            return (n_tokens,) * n_layers, {}
+        if self.split == "fixed":
+            s = scheduler.fixed_split(n_tokens, n_layers, self.recompute_ratio, slope=self.slope)
+            return s.lengths, {}
+        if self.split == "scheduler":
+            if engine.rates is None:
+                raise PolicyError(f"policy {self.name!r} needs measured restore rates "
+                                  "(profile them: krul.profile.measure_rates)")
+            per_token = load_bytes_per_token(plan, n_layers, engine.adapter.layer_kv_bytes_per_token(),
+                                             self.compress_params.get("retain_ratio", 0.0))
+            s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope)
+            t_rec, t_load = scheduler.predict(s, engine.rates, per_token)
+            return s.lengths, {"recompute_s": t_rec, "load_s": t_load}
+        raise PolicyError(f"policy {self.name!r}: unknown split {self.split!r}")
+
+    def offload(self, engine, conversation_id: str, token_ids: list[int], cache,
+                previous: StoredState | None) -> int:
+        """Build the state of the history `token_ids` from the live cache and store it; its bytes."""
+        adapter = engine.adapter
+        n_layers = adapter.n_layers
+        plan = self.plan(engine, conversation_id, n_layers)
+        lengths, predicted = self.split_lengths(engine, len(token_ids), n_layers, plan)
+        pairs = plan.pairs if plan is not None else ()
+        method = plan.method if plan is not None else "merge"
+        compress = {k: v for k, v in self.compress_params.items() if method == "merge"}
+        meta = {"policy": self.name, "plan": plan.to_dict() if plan is not None else {},
+                "predicted": predicted}
+        state = build_state(adapter.fingerprint(), torch.tensor(token_ids), adapter.kv_from_cache(cache),
+                            lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
+                            meta=meta)
+        return engine.store.put(conversation_id, state)
+
+
+def load_bytes_per_token(plan, n_layers: int, layer_bytes: float, retain_ratio: float = 0.0) -> list[float]:
+    """Stored bytes per loaded token of each layer under a plan (a pair's bytes split over its two).
+
+    Merge stores one direction (a layer's bytes) plus per-layer norms (small) plus the retained
+    fraction exact for both layers; share stores one layer's bytes.
+    """
+    per = [float(layer_bytes)] * n_layers
+    if plan is None:
+        return per
+    for a, b in plan.pairs:
+        pair = layer_bytes * (1.0 + 2.0 * retain_ratio) if plan.method == "merge" else layer_bytes
+        per[a] = per[b] = pair / 2
+    return per
+
+
+_MERGE = {"retain_ratio": 0.05}
+POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
+    RestorePolicy("full-recompute", "prefill the whole history again", split="recompute"),
+    RestorePolicy("full-load", "CachedAttention (Gao et al., ATC'24)", split="load"),
+    RestorePolicy("partial-recompute", "Pensieve-style fixed ratio (Yu et al., EuroSys'25)",
+                  split="fixed", recompute_ratio=0.4, slope=0.0),
+    RestorePolicy("cake", "Cake (Jin et al., ICML'25): front recompute meets back load",
+                  split="scheduler", slope=0.0),
+    RestorePolicy("minicache", "MiniCache (Liu et al., NeurIPS'24)", split="load",
+                  selector="minicache", selector_params={"target_ratio": 1.5}, compress_params=_MERGE),
+    RestorePolicy("kvsharer", "KVSharer (Yang et al., 2024): static dissimilar pairs, shared",
+                  split="load", selector="fixed", selector_params={"pairs": (), "method": "share"}),
+    RestorePolicy("krul-fix", "Krul (Wen et al., 2025) ablation: one plan calibrated on dev",
+                  split="scheduler", slope=1.0, selector="fixed",
+                  selector_params={"pairs": (), "method": "merge"}, compress_params=_MERGE),
+    RestorePolicy("krul", "Krul (Wen et al., 2025)", split="scheduler", slope=1.0, selector="krul",
+                  selector_params={"tau": 0.3, "target_ratio": 1.5}, compress_params=_MERGE,
+                  needs_estimator=True),
+    RestorePolicy("krul-no-preempt", "Krul ablation: no sensitive-layer protection", split="scheduler",
+                  slope=1.0, selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5,
+                                                               "preempt": False},
+                  compress_params=_MERGE, needs_estimator=True),
+    RestorePolicy("krul-fixed-split", "Krul ablation: fixed recompute ratio instead of the scheduler",
+                  split="fixed", recompute_ratio=0.4, slope=1.0, selector="krul",
+                  selector_params={"tau": 0.3, "target_ratio": 1.5}, compress_params=_MERGE,
+                  needs_estimator=True),
+    RestorePolicy("krul-share", "Krul ablation: share instead of merge", split="scheduler", slope=1.0,
+                  selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5, "method": "share"},
+                  needs_estimator=True),
+]}
+
+
+def get_policy(name: str, recompute_ratio: float | None = None) -> RestorePolicy:
+    """The registry's policy; `recompute_ratio` fixes the split instead (0 = load everything)."""
+    if name not in POLICIES:
+        raise PolicyError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    policy = POLICIES[name]
+    if recompute_ratio is not None and policy.split != "recompute":
+        if not 0.0 <= recompute_ratio <= 1.0:
+            raise PolicyError(f"--recompute-ratio must be in [0, 1], got {recompute_ratio}")
+        policy = policy.with_params(split="fixed", recompute_ratio=recompute_ratio)
+    return policy
