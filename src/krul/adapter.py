@@ -68,7 +68,12 @@ class ModelAdapter:
         return 2 * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def fingerprint(self) -> dict:
-        """What a stored state must match to be restored into this model."""
+        """What a stored state must match to be restored into this model (computed once)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> dict:
         tok = ""
         if self.tokenizer is not None:
             vocab = self.tokenizer.get_vocab()

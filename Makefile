@@ -1,0 +1,64 @@
+# krul: `make reproduce` (every figure) and `make test` are all a newcomer needs.
+# Make is the dependency graph: setup -> data/models -> notebooks -> results.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMPS := .stamps
+PROFILE ?= default
+DEVICE ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+export TOKENIZERS_PARALLELISM := false
+
+FIGURES := $(patsubst notebooks/%.ipynb,%,$(wildcard notebooks/fig*.ipynb))
+
+.PHONY: setup test test-fast reproduce figures lab clean-results $(FIGURES)
+
+# --- setup: venv, packages, models, data; each step skipped when done ----------------------
+$(STAMPS)/venv: requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(STAMPS)/models: $(STAMPS)/venv src/krul/models.py
+	$(PY) -m krul models --prepare smollm2-135m qwen2.5-coder-0.5b
+	@touch $@
+
+$(STAMPS)/data: $(STAMPS)/venv src/krul/data.py
+	$(PY) -m krul data > /dev/null
+	@touch $@
+
+setup: $(STAMPS)/venv $(STAMPS)/models $(STAMPS)/data
+
+# --- tests: unit (seconds), integration (real SmolLM2), notebooks (papermill smoke) --------
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
+
+# --- figures --------------------------------------------------------------------------------
+RUN_NAME ?= $(DEVICE)-$(PROFILE)
+
+results/%/$(RUN_NAME)/done: notebooks/%.ipynb experiments/%.yaml $(wildcard src/krul/*.py) | setup
+	@mkdir -p $(@D)
+	$(PY) -m krul.experiments run $* --profile $(PROFILE) --device $(DEVICE) --out $(@D)
+	@touch $@
+
+$(FIGURES): %: results/%/$(RUN_NAME)/done
+
+reproduce: setup $(FIGURES)
+	@echo "figures under results/<figure>/$(RUN_NAME)/ ; summary in REPRODUCE.md"
+
+figures: setup
+	$(PY) -m krul.experiments redraw --all
+
+lab: setup
+	.venv/bin/jupyter lab notebooks/
+
+clean-results:
+	rm -rf results/*/$(RUN_NAME)

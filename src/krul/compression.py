@@ -1,0 +1,296 @@
+"""Cross-layer compression of one layer pair's KV over a token range.
+
+Krul (arXiv 2507.08045, Sec. 3.1) compresses the KV of the layer pairs it selects for a conversation
+following MiniCache: K and V of the two layers are merged into one direction tensor, per-token
+magnitudes are kept per layer, and the tokens on which the layers disagree most are kept exact. Plain
+sharing (layer b reuses layer a's KV, as in KVSharer) is the simpler ablation.
+
+A `CompressedPair` is exactly what is stored for layers (a, b) and one token segment; `nbytes()` counts
+every stored tensor. This module knows nothing about which pairs to compress (the selector), where the
+bytes live (the kv store), or models. KV tensors are `(batch, kv_heads, tokens, head_dim)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+METHODS = ("share", "merge")
+
+# Tensor names stored per method (the order is the serialisation order).
+_SHARE_NAMES = ("k", "v")
+_MERGE_NAMES = ("k_dir", "v_dir", "k_norm_a", "k_norm_b", "v_norm_a", "v_norm_b",
+                "retain_idx", "k_ret_a", "v_ret_a", "k_ret_b", "v_ret_b")
+_TOKEN_DIM = {  # which axis of each stored tensor is the token axis
+    "k": 2, "v": 2, "k_dir": 2, "v_dir": 2, "k_norm_a": 2, "k_norm_b": 2, "v_norm_a": 2,
+    "v_norm_b": 2, "k_ret_a": 2, "v_ret_a": 2, "k_ret_b": 2, "v_ret_b": 2, "retain_idx": 0,
+}
+
+# Below this angle (radians) SLERP's 1/sin(omega) is ill-conditioned: use the normalised lerp.
+_SLERP_MIN_ANGLE = 1e-4
+_EPS = 1e-12
+
+
+@dataclass
+class CompressedPair:
+    """The stored form of layers (layer_a, layer_b)'s KV for one token segment.
+
+    Attributes
+    ----------
+    method : {"share", "merge"}
+    layer_a, layer_b : int
+    data : dict[str, Tensor]
+        "share": `k`, `v` (batch, kv_heads, tokens, head_dim) = layer a's KV.
+        "merge": `k_dir`, `v_dir` (batch, kv_heads, tokens, head_dim) merged unit directions;
+        `k_norm_a`, `k_norm_b`, `v_norm_a`, `v_norm_b` (batch, kv_heads, tokens) per-layer magnitudes;
+        `retain_idx` (n_retained,) int32 ascending token indices kept exact; `k_ret_a`, `v_ret_a`,
+        `k_ret_b`, `v_ret_b` (batch, kv_heads, n_retained, head_dim) their exact vectors.
+        All float tensors are in the KV dtype.
+    t : float
+        SLERP interpolation weight used by "merge" (metadata only).
+    """
+
+    method: str
+    layer_a: int
+    layer_b: int
+    data: dict[str, Tensor] = field(repr=False)
+    t: float = 0.5
+
+    def __post_init__(self) -> None:
+        names = _names(self.method)
+        missing = [n for n in names if n not in self.data]
+        if missing:
+            raise ValueError(f"{self.method} pair is missing tensors {missing}; needs {list(names)}")
+
+    # -- accounting ---------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Exact bytes of every stored tensor (directions, norms, indices, retained tokens)."""
+        return sum(t.numel() * t.element_size() for t in self.data.values())
+
+    def n_tokens(self) -> int:
+        """Number of tokens in the segment."""
+        return int(self.data["k" if self.method == "share" else "k_dir"].shape[2])
+
+    @property
+    def n_retained(self) -> int:
+        return 0 if self.method == "share" else int(self.data["retain_idx"].numel())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data["k" if self.method == "share" else "k_dir"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data["k" if self.method == "share" else "k_dir"].device
+
+    # -- restore ------------------------------------------------------------------------------
+    def expand(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Reconstruct both layers' KV.
+
+        Returns
+        -------
+        ((k_a, v_a), (k_b, v_b)), each (batch, kv_heads, tokens, head_dim) in the KV dtype; fresh
+        tensors that alias neither the stored data nor each other.
+        """
+        d = self.data
+        if self.method == "share":
+            return (d["k"].clone(), d["v"].clone()), (d["k"].clone(), d["v"].clone())
+        idx = d["retain_idx"].long()
+        out = []
+        for side in ("a", "b"):
+            layer = []
+            for kv in ("k", "v"):
+                direction = d[f"{kv}_dir"]
+                x = (direction.float() * d[f"{kv}_norm_{side}"].float().unsqueeze(-1)).to(direction.dtype)
+                if idx.numel():
+                    x[:, :, idx] = d[f"{kv}_ret_{side}"]
+                layer.append(x)
+            out.append((layer[0], layer[1]))
+        return out[0], out[1]
+
+    def crop_left(self, start: int) -> "CompressedPair":
+        """Keep tokens [start:] only (leading tokens are recomputed instead of loaded).
+
+        Retained-token indices are re-based to the new first token. The result owns fresh storage.
+        """
+        n = self.n_tokens()
+        if not 0 <= start <= n:
+            raise ValueError(f"crop start must be in [0, {n}]; got {start}")
+        d = self.data
+        if self.method == "share":
+            new = {name: d[name][:, :, start:].clone() for name in _SHARE_NAMES}
+        else:
+            keep = d["retain_idx"] >= start
+            new = {name: d[name][:, :, start:].clone()
+                   for name in ("k_dir", "v_dir", "k_norm_a", "k_norm_b", "v_norm_a", "v_norm_b")}
+            new["retain_idx"] = (d["retain_idx"][keep] - start).to(torch.int32)
+            for name in ("k_ret_a", "v_ret_a", "k_ret_b", "v_ret_b"):
+                new[name] = d[name][:, :, keep].clone()
+        return CompressedPair(self.method, self.layer_a, self.layer_b, new, self.t)
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "CompressedPair":
+        """All tensors moved to `device` (a copy of the dict; tensors already there are shared)."""
+        new = {k: v.to(device, non_blocking=non_blocking) for k, v in self.data.items()}
+        return CompressedPair(self.method, self.layer_a, self.layer_b, new, self.t)
+
+    # -- serialisation ------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat name -> tensor dict of everything stored (the tensors themselves, not copies)."""
+        return {name: self.data[name] for name in _names(self.method)}
+
+    def meta(self) -> dict[str, str | int | float]:
+        """Small JSON-able dict that, with `tensors()`, rebuilds the pair."""
+        return {"method": self.method, "layer_a": self.layer_a, "layer_b": self.layer_b, "t": self.t}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "CompressedPair":
+        """Inverse of (`tensors()`, `meta()`); values in `meta` may be strings (safetensors metadata)."""
+        method = str(meta["method"])
+        return cls(method, int(meta["layer_a"]), int(meta["layer_b"]),
+                   {name: tensors[name] for name in _names(method)}, float(meta.get("t", 0.5)))
+
+
+def _names(method: str) -> tuple[str, ...]:
+    if method == "share":
+        return _SHARE_NAMES
+    if method == "merge":
+        return _MERGE_NAMES
+    raise ValueError(f"unknown compression method '{method}'; known: {', '.join(METHODS)}")
+
+
+def _check_kv(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor]) -> None:
+    (k_a, v_a), (k_b, v_b) = kv_a, kv_b
+    for name, x in (("k_a", k_a), ("v_a", v_a), ("k_b", k_b), ("v_b", v_b)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (batch, kv_heads, tokens, head_dim); got {tuple(x.shape)}")
+    if k_a.shape != k_b.shape or v_a.shape != v_b.shape or k_a.shape[:3] != v_a.shape[:3]:
+        raise ValueError(
+            f"layer pair KV shapes differ: k_a {tuple(k_a.shape)}, v_a {tuple(v_a.shape)}, "
+            f"k_b {tuple(k_b.shape)}, v_b {tuple(v_b.shape)}"
+        )
+    if len({k_a.dtype, v_a.dtype, k_b.dtype, v_b.dtype}) != 1:
+        raise ValueError("layer pair KV must share one dtype")
+
+
+def share_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor],
+               layer_a: int, layer_b: int) -> CompressedPair:
+    """KVSharer-style sharing (Yang et al. 2024): store layer a's KV only; b reuses it on expand.
+
+    Parameters
+    ----------
+    kv_a, kv_b : (keys, values), each (batch, kv_heads, tokens, head_dim)
+        kv_b is only checked for shape; nothing of it is stored.
+    """
+    _check_kv(kv_a, kv_b)
+    k_a, v_a = kv_a
+    return CompressedPair("share", layer_a, layer_b, {"k": k_a.detach().clone(), "v": v_a.detach().clone()})
+
+
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(unit directions, norms) along the last axis; zero vectors get a zero direction."""
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    return x / norm.clamp_min(_EPS).unsqueeze(-1), norm
+
+
+def _slerp(u_a: Tensor, u_b: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """SLERP between unit vectors along the last axis, and their angle.
+
+    Returns (e, omega): e unit-norm (batch, heads, tokens, dim); omega (batch, heads, tokens) in [0, pi].
+    Where omega is ~0 the normalised lerp is used (SLERP's limit); where the lerp vanishes (antipodal
+    or zero inputs) e falls back to u_a (or stays 0 for zero inputs).
+    """
+    cos = (u_a * u_b).sum(-1).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    safe = omega > _SLERP_MIN_ANGLE
+    safe &= sin > _SLERP_MIN_ANGLE
+    sin_safe = torch.where(safe, sin, torch.ones_like(sin))
+    w_a = torch.where(safe, torch.sin((1.0 - t) * omega) / sin_safe, torch.full_like(sin, 1.0 - t))
+    w_b = torch.where(safe, torch.sin(t * omega) / sin_safe, torch.full_like(sin, t))
+    e = w_a.unsqueeze(-1) * u_a + w_b.unsqueeze(-1) * u_b
+    e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    degenerate = e_norm < 1e-6
+    e = torch.where(degenerate, u_a, e / e_norm.clamp_min(_EPS))
+    return e, omega
+
+
+def merge_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: int, layer_b: int,
+               retain_ratio: float = 0.05, t: float = 0.5) -> CompressedPair:
+    """MiniCache-style merge of two layers' KV (Liu et al., NeurIPS'24, Sec. 3.2-3.3).
+
+    For K and for V separately, per token and head: magnitudes n_a = ||x_a||, n_b = ||x_b|| are kept
+    per layer, unit directions u_a, u_b are merged into e = SLERP(u_a, u_b, t) (normalised lerp where
+    the angle is ~0), and only e is stored. Retention: each token's angular distance between the
+    layers, averaged over batch, heads, K and V; the ceil(retain_ratio * tokens) tokens with the
+    largest distance are stored exact for both layers. Expansion gives x = e * n per layer, then the
+    retained tokens are overwritten with their exact vectors.
+
+    For a non-retained token with angle omega between the layers, the reconstruction error is exactly
+    ||x_a|| * 2 sin(t omega / 2) for layer a and ||x_b|| * 2 sin((1 - t) omega / 2) for layer b (plus
+    rounding to the KV dtype), so the relative error of a layer is at most that factor at the largest
+    non-retained angle. (Exception: a token whose directions are antipodal to within 1e-4 rad takes
+    a's direction, so b's error there is 2 ||x_b||; such tokens have the largest angle and are the
+    first retained.)
+
+    Parameters
+    ----------
+    kv_a, kv_b : (keys, values), each (batch, kv_heads, tokens, head_dim), same shape and dtype
+    layer_a, layer_b : int
+    retain_ratio : float in [0, 1]
+        Fraction of tokens kept exact (MiniCache's retention threshold, as a fraction).
+    t : float in [0, 1]
+        SLERP weight (0 -> a's direction, 1 -> b's; MiniCache uses 0.5).
+
+    Returns
+    -------
+    CompressedPair with method "merge"; an empty token range gives empty tensors.
+    """
+    if not 0.0 <= retain_ratio <= 1.0:
+        raise ValueError(f"retain_ratio must be in [0, 1]; got {retain_ratio}")
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1]; got {t}")
+    _check_kv(kv_a, kv_b)
+    dtype = kv_a[0].dtype
+    # Arithmetic in float32 (float64 stays float64); the stored tensors go back to the KV dtype.
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    n_tokens = kv_a[0].shape[2]
+    data: dict[str, Tensor] = {}
+    angles = []
+    for kv, x_a, x_b in (("k", kv_a[0], kv_b[0]), ("v", kv_a[1], kv_b[1])):
+        u_a, n_a = _unit(x_a.detach().to(work))
+        u_b, n_b = _unit(x_b.detach().to(work))
+        e, omega = _slerp(u_a, u_b, t)
+        data[f"{kv}_dir"] = e.to(dtype)
+        data[f"{kv}_norm_a"] = n_a.to(dtype)
+        data[f"{kv}_norm_b"] = n_b.to(dtype)
+        angles.append(omega.mean(dim=(0, 1)))  # (tokens,)
+    n_retain = min(n_tokens, math.ceil(retain_ratio * n_tokens - 1e-9))
+    if n_retain > 0:
+        score = 0.5 * (angles[0] + angles[1])
+        idx = torch.topk(score, n_retain, sorted=False).indices.sort().values
+    else:
+        idx = torch.zeros(0, dtype=torch.long, device=kv_a[0].device)
+    data["retain_idx"] = idx.to(torch.int32)
+    for side, (k, v) in (("a", kv_a), ("b", kv_b)):
+        data[f"k_ret_{side}"] = k.detach().index_select(2, idx).clone()
+        data[f"v_ret_{side}"] = v.detach().index_select(2, idx).clone()
+    return CompressedPair("merge", layer_a, layer_b, data, float(t))
+
+
+def compress_pair(method: str, kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor],
+                  layer_a: int, layer_b: int, **kwargs) -> CompressedPair:
+    """Compress one layer pair with `method` ("share" or "merge"); kwargs go to the method."""
+    if method == "share":
+        if kwargs:
+            raise ValueError(f"share takes no options; got {sorted(kwargs)}")
+        return share_pair(kv_a, kv_b, layer_a, layer_b)
+    if method == "merge":
+        return merge_pair(kv_a, kv_b, layer_a, layer_b, **kwargs)
+    raise ValueError(f"unknown compression method '{method}'; known: {', '.join(METHODS)}")
+
+
+def full_nbytes(kv: tuple[Tensor, Tensor]) -> int:
+    """Bytes of one layer's uncompressed K and V."""
+    return sum(x.numel() * x.element_size() for x in kv)

@@ -1,0 +1,189 @@
+"""Tensor-only tests of cross-layer KV compression (krul.compression)."""
+import math
+
+import pytest
+import torch
+
+from krul.compression import CompressedPair, compress_pair, full_nbytes, merge_pair, share_pair
+
+B, H, T, D = 1, 4, 200, 64
+
+
+def kv(seed, shape=(B, H, T, D), dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype), torch.randn(*shape, generator=g).to(dtype)
+
+
+def correlated_pair(seed=0, sigma=0.3, dtype=torch.float32, shape=(B, H, T, D)):
+    """Layer b = layer a + sigma * noise (per-vector angle ~ atan(sigma) ~ 0.29 rad for 0.3)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    k_a, v_a = kv(seed, shape)
+    k_b = k_a + sigma * torch.randn(*shape, generator=g)
+    v_b = v_a + sigma * torch.randn(*shape, generator=g)
+    return (k_a.to(dtype), v_a.to(dtype)), (k_b.to(dtype), v_b.to(dtype))
+
+
+def rel_err(x, ref):
+    return float((x.double() - ref.double()).norm() / ref.double().norm())
+
+
+def max_unretained_angle(x_a, x_b, retained):
+    cos = torch.nn.functional.cosine_similarity(x_a.double(), x_b.double(), dim=-1).clamp(-1, 1)
+    omega = torch.arccos(cos)  # (B, H, T)
+    keep = torch.ones(omega.shape[2], dtype=torch.bool)
+    keep[retained.long()] = False
+    return float(omega[:, :, keep].max())
+
+
+def test_share_round_trip_and_independent_copies():
+    """share: both layers expand to a's KV exactly, and b's copy is independent of a's."""
+    kv_a, kv_b = kv(0), kv(1)
+    p = share_pair(kv_a, kv_b, 2, 5)
+    (k_a, v_a), (k_b, v_b) = p.expand()
+    for x, ref in ((k_a, kv_a[0]), (v_a, kv_a[1]), (k_b, kv_a[0]), (v_b, kv_a[1])):
+        assert torch.equal(x, ref)
+    k_b.add_(1.0)
+    v_b.zero_()
+    assert torch.equal(k_a, kv_a[0]) and torch.equal(v_a, kv_a[1])
+    assert torch.equal(p.expand()[0][0], kv_a[0])  # the stored data is untouched too
+
+
+def test_merge_expand_does_not_alias():
+    """merge: an in-place write into one expanded layer changes neither the other nor the store."""
+    kv_a, kv_b = correlated_pair(1)
+    p = merge_pair(kv_a, kv_b, 0, 1, retain_ratio=0.1)
+    (k_a, _), (k_b, _) = p.expand()
+    before_b = k_b.clone()
+    k_a.fill_(7.0)
+    assert torch.equal(k_b, before_b)
+    assert not torch.equal(p.expand()[0][0], k_a)
+
+
+def test_merge_identical_layers_is_exact():
+    """merge of two identical layers reconstructs both within float tolerance."""
+    kv_a = kv(2)
+    p = merge_pair(kv_a, kv_a, 0, 1, retain_ratio=0.0)
+    (k_a, v_a), (k_b, v_b) = p.expand()
+    for x, ref in ((k_a, kv_a[0]), (v_a, kv_a[1]), (k_b, kv_a[0]), (v_b, kv_a[1])):
+        torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("retain_ratio", [0.0, 0.05, 0.2])
+def test_merge_error_bound_and_exact_retained(retain_ratio):
+    """merge: relative error per layer <= 2 sin(omega_max / 4) <= 0.16 at sigma 0.3; retained exact."""
+    kv_a, kv_b = correlated_pair(3)
+    p = merge_pair(kv_a, kv_b, 0, 1, retain_ratio=retain_ratio)
+    idx = p.data["retain_idx"].long()
+    assert idx.numel() == math.ceil(retain_ratio * T)
+    out = p.expand()
+    for side, (kv_ref, kv_out) in enumerate(((kv_a, out[0]), (kv_b, out[1]))):
+        for j in range(2):
+            err = rel_err(kv_out[j], kv_ref[j])
+            # Exact geometry: a non-retained token's error is ||x|| * 2 sin(t * omega / 2), t = 0.5.
+            omega = max_unretained_angle(kv_a[j], kv_b[j], idx)
+            assert err <= 2 * math.sin(omega / 4) + 1e-5, (side, j, err, omega)
+            assert err <= 0.16, (side, j, err)  # measured 0.128-0.145 for sigma = 0.3, D = 64
+            assert torch.equal(kv_out[j][:, :, idx], kv_ref[j][:, :, idx])
+
+
+def test_merge_retains_most_dissimilar_tokens():
+    """Retention keeps the tokens where the layers disagree most."""
+    kv_a, kv_b = correlated_pair(4, sigma=0.05)
+    flipped = [7, 50, 123]
+    for x in kv_b:
+        x[:, :, flipped] = -x[:, :, flipped]
+    p = merge_pair(kv_a, kv_b, 0, 1, retain_ratio=3 / T)
+    assert p.data["retain_idx"].tolist() == flipped
+
+
+def test_merge_retain_all_is_exact():
+    """retain_ratio = 1 reproduces both layers bit-exactly."""
+    kv_a, kv_b = correlated_pair(5, sigma=1.0)
+    (k_a, v_a), (k_b, v_b) = merge_pair(kv_a, kv_b, 0, 1, retain_ratio=1.0).expand()
+    assert torch.equal(k_a, kv_a[0]) and torch.equal(v_a, kv_a[1])
+    assert torch.equal(k_b, kv_b[0]) and torch.equal(v_b, kv_b[1])
+
+
+def test_nbytes_exact_and_below_two_layers():
+    """nbytes = sum(numel * element_size) of stored tensors; merge at retain 0.05 stores ~0.566 of two layers."""
+    kv_a, kv_b = correlated_pair(6)
+    p = merge_pair(kv_a, kv_b, 0, 1, retain_ratio=0.05)
+    assert p.nbytes() == sum(t.numel() * t.element_size() for t in p.tensors().values())
+    two_layers = full_nbytes(kv_a) + full_nbytes(kv_b)
+    # directions 1/2 + norms 4/(4D) + retained 4r/4 + int32 indices: 0.5 + 1/D + r (+ tiny)
+    assert p.nbytes() / two_layers == pytest.approx(0.5 + 1 / D + 0.05, abs=1e-3)
+    assert p.nbytes() < two_layers
+    s = share_pair(kv_a, kv_b, 0, 1)
+    assert s.nbytes() == full_nbytes(kv_a) == two_layers // 2
+
+
+@pytest.mark.parametrize("method", ["share", "merge"])
+@pytest.mark.parametrize("start", [0, 1, 37, 100, T - 1, T])
+def test_crop_left_equals_sliced_expand(method, start):
+    """crop_left(start).expand() equals expand() sliced to tokens [start:]."""
+    kv_a, kv_b = correlated_pair(7)
+    p = compress_pair(method, kv_a, kv_b, 3, 4, **({"retain_ratio": 0.1} if method == "merge" else {}))
+    c = p.crop_left(start)
+    assert c.n_tokens() == T - start
+    full, cropped = p.expand(), c.expand()
+    for side in range(2):
+        for j in range(2):
+            assert torch.equal(cropped[side][j], full[side][j][:, :, start:])
+    if method == "merge":
+        assert torch.all(c.data["retain_idx"] >= 0)
+        assert c.data["retain_idx"].dtype == torch.int32
+    assert c.nbytes() <= p.nbytes()
+
+
+@pytest.mark.parametrize("method", ["share", "merge"])
+def test_tensors_round_trip(method):
+    """tensors() + meta() -> from_tensors rebuilds an identical pair (string meta accepted)."""
+    kv_a, kv_b = correlated_pair(8)
+    p = compress_pair(method, kv_a, kv_b, 1, 6)
+    meta = {k: str(v) for k, v in p.meta().items()}  # safetensors metadata is str -> str
+    tensors = {k: v.clone() for k, v in p.tensors().items()}
+    r = CompressedPair.from_tensors(tensors, meta)
+    assert (r.method, r.layer_a, r.layer_b, r.t) == (p.method, p.layer_a, p.layer_b, p.t)
+    assert r.tensors().keys() == p.tensors().keys()
+    for k in p.tensors():
+        assert torch.equal(r.tensors()[k], p.tensors()[k])
+    assert r.nbytes() == p.nbytes()
+
+
+@pytest.mark.parametrize("method", ["share", "merge"])
+def test_bf16_input(method):
+    """bf16 KV compresses and expands in bf16 within the merge error bound."""
+    kv_a, kv_b = correlated_pair(9, dtype=torch.bfloat16)
+    p = compress_pair(method, kv_a, kv_b, 0, 1)
+    assert all(t.dtype == torch.bfloat16 for n, t in p.tensors().items() if n != "retain_idx")
+    out = p.expand()
+    assert out[1][0].dtype == torch.bfloat16
+    assert rel_err(out[0][0], kv_a[0]) <= (0.0 if method == "share" else 0.16)
+
+
+def test_empty_token_range():
+    """A zero-token segment compresses, counts bytes and expands to empty tensors."""
+    kv_a, kv_b = kv(10, (B, H, 0, D)), kv(11, (B, H, 0, D))
+    for method in ("share", "merge"):
+        p = compress_pair(method, kv_a, kv_b, 0, 1)
+        assert p.n_tokens() == 0 and p.nbytes() == 0
+        (k_a, _), (k_b, _) = p.expand()
+        assert k_a.shape == k_b.shape == (B, H, 0, D)
+
+
+def test_to_moves_every_tensor():
+    """to(device) returns a pair whose tensors are all on that device."""
+    kv_a, kv_b = correlated_pair(12)
+    p = merge_pair(kv_a, kv_b, 0, 1).to("meta")
+    assert all(t.device.type == "meta" for t in p.tensors().values())
+
+
+def test_invalid_arguments():
+    """Bad retain_ratio, unknown method and mismatched shapes are ValueErrors that say why."""
+    kv_a, kv_b = correlated_pair(13)
+    with pytest.raises(ValueError, match="retain_ratio"):
+        merge_pair(kv_a, kv_b, 0, 1, retain_ratio=1.5)
+    with pytest.raises(ValueError, match="share, merge"):
+        compress_pair("quantize", kv_a, kv_b, 0, 1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        merge_pair(kv_a, (kv_b[0][:, :, :10], kv_b[1][:, :, :10]), 0, 1)

@@ -1,0 +1,190 @@
+"""Tests of the restoration cost model and the bubble-free split (krul.scheduler); numbers only."""
+import math
+import random
+
+import numpy as np
+import pytest
+
+from krul.scheduler import (
+    RestoreRates, RestoreSplit, bound_recompute_ratio, bound_s, cake_split, choose_split, fixed_split,
+    predict, pyramid_lengths,
+)
+
+# Synthetic rate settings: (rates, per-layer bytes per loaded token) for L = 8 layers.
+L = 8
+FULL = [2048.0] * L
+COMPRESSED = [2048.0] * 4 + [1100.0] * 4  # two merged pairs in the deeper half: ~0.54 per layer
+SETTINGS = {
+    "linear-balanced": (RestoreRates(recompute_s_per_token=1e-6, load_bytes_per_s=1e9), FULL),
+    "quadratic+fixed": (RestoreRates(recompute_s_per_token=5e-7, recompute_s_per_token_sq=2e-9,
+                                     recompute_s_per_layer=2e-5, recompute_s_fixed=1e-4,
+                                     load_bytes_per_s=2e9, load_s_per_layer=1e-5, load_s_fixed=5e-5),
+                        COMPRESSED),
+    "fast-load": (RestoreRates(recompute_s_per_token=4e-6, load_bytes_per_s=5e10), COMPRESSED),
+    "slow-load": (RestoreRates(recompute_s_per_token=2e-7, load_bytes_per_s=3e8,
+                               load_s_per_layer=1e-4), FULL),
+}
+
+
+def objective(lengths, n_tokens, rates, b):
+    t_rec, t_load = predict(RestoreSplit(lengths, n_tokens), rates, b)
+    return max(t_rec, t_load)
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 7, 100, 1000])
+@pytest.mark.parametrize("slope", [0.0, 0.5, 1.0, 1.5])
+def test_pyramid_shape(n_tokens, slope):
+    """Pyramid lengths are non-increasing, within [0, N], and sum to round(r N L)."""
+    for r in np.linspace(0, 1, 41):
+        lengths = pyramid_lengths(n_tokens, L, float(r), slope)
+        assert len(lengths) == L
+        assert all(0 <= x <= n_tokens for x in lengths)
+        assert all(a >= b for a, b in zip(lengths, lengths[1:]))
+        assert sum(lengths) == round(r * n_tokens * L)
+        if n_tokens:
+            assert abs(RestoreSplit(lengths, n_tokens).recompute_ratio - r) <= 0.5 / (n_tokens * L)
+
+
+def test_pyramid_endpoints_and_slopes():
+    """r=0 loads everything, r=1 recomputes everything, slope 0 is flat, slope 1 is linear 2Nr..0."""
+    assert pyramid_lengths(500, 6, 0.0) == (0,) * 6
+    assert pyramid_lengths(500, 6, 1.0) == (500,) * 6
+    flat = pyramid_lengths(1000, 6, 0.3, slope=0.0)
+    assert max(flat) - min(flat) <= 1
+    pyr = pyramid_lengths(1100, 12, 0.25, slope=1.0)  # unclipped: 2*N*r*(1 - l/(L-1))
+    want = [2 * 1100 * 0.25 * (1 - l / 11) for l in range(12)]
+    assert all(abs(x - w) <= 1 for x, w in zip(pyr, want))
+    clipped = pyramid_lengths(1000, 8, 0.8, slope=1.0)  # shallow layers saturate, mass moves deeper
+    assert clipped[0] == 1000 and sum(clipped) == 6400
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("slope", [0.0, 1.0])
+def test_choose_split_equals_brute_force(setting, slope):
+    """The chosen split attains the brute-force min of max(T_rec, T_load) over every total length."""
+    rates, b = SETTINGS[setting]
+    n_tokens = 60
+    best = min((objective(pyramid_lengths(n_tokens, L, t / (n_tokens * L), slope), n_tokens, rates, b), t)
+               for t in range(n_tokens * L + 1))
+    split = choose_split(n_tokens, L, rates, b, slope=slope, n_grid=21)
+    got = objective(split.lengths, n_tokens, rates, b)
+    assert got == pytest.approx(best[0], rel=1e-12, abs=0)
+    assert sum(split.lengths) == best[1]  # ties go to the smaller ratio
+    assert split.t_restore_s == pytest.approx(got, rel=1e-12)
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_choose_split_never_worse_than_grid(setting):
+    """On a realistic size the split is at least as good as the brute-force grid argmin."""
+    rates, b = SETTINGS[setting]
+    n_tokens, n_grid = 3000, 201
+    grid = min(objective(pyramid_lengths(n_tokens, L, i / (n_grid - 1), 1.0), n_tokens, rates, b)
+               for i in range(n_grid))
+    split = choose_split(n_tokens, L, rates, b, slope=1.0, n_grid=n_grid)
+    assert objective(split.lengths, n_tokens, rates, b) <= grid
+
+
+def test_choose_split_balances_streams():
+    """With linear rates the two stream times meet to within one token's worth of work."""
+    rates, b = SETTINGS["linear-balanced"]
+    split = choose_split(4000, L, rates, b, slope=1.0)
+    per_token = max(rates.recompute_s_per_token, 2048 / rates.load_bytes_per_s)
+    assert abs(split.t_recompute_s - split.t_load_s) <= per_token * 1.01
+    assert 0 < split.recompute_ratio < 1
+
+
+def test_streams_monotone_in_ratio():
+    """With per-token costs, T_rec is non-decreasing and T_load non-increasing in r (bisection's premise)."""
+    rates = RestoreRates(recompute_s_per_token=1e-6, load_bytes_per_s=1e9)
+    for slope in (0.0, 0.5, 1.0):
+        times = [predict(RestoreSplit(pyramid_lengths(50, L, t / (50 * L), slope), 50), rates, FULL)
+                 for t in range(50 * L + 1)]
+        rec, load = zip(*times)
+        assert all(x <= y + 1e-15 for x, y in zip(rec, rec[1:]))
+        assert all(x >= y - 1e-15 for x, y in zip(load, load[1:]))
+
+
+def test_choose_split_random_rates_brute_force():
+    """On random rates (per-layer and fixed terms make rounding wiggle the streams) the split is optimal."""
+    rng = random.Random(0)
+    for _ in range(40):
+        n_layers, n_tokens = rng.choice([2, 3, 5, 8]), rng.choice([1, 5, 20, 40])
+        rates = RestoreRates(
+            recompute_s_per_token=10 ** rng.uniform(-7, -5),
+            recompute_s_per_token_sq=rng.choice([0.0, 10 ** rng.uniform(-10, -8)]),
+            recompute_s_per_layer=rng.choice([0.0, 10 ** rng.uniform(-6, -4)]),
+            recompute_s_fixed=rng.choice([0.0, 10 ** rng.uniform(-5, -3)]),
+            load_bytes_per_s=10 ** rng.uniform(8, 11),
+            load_s_per_layer=rng.choice([0.0, 10 ** rng.uniform(-6, -4)]),
+            load_s_fixed=rng.choice([0.0, 1e-4]))
+        b = [rng.choice([2048.0, 1100.0, 512.0]) for _ in range(n_layers)]
+        slope = rng.choice([0.0, 0.5, 1.0, 1.5])
+        total = n_tokens * n_layers
+        best = min(objective(pyramid_lengths(n_tokens, n_layers, t / total, slope), n_tokens, rates, b)
+                   for t in range(total + 1))
+        split = choose_split(n_tokens, n_layers, rates, b, slope=slope, n_grid=rng.choice([5, 21, 201]))
+        assert objective(split.lengths, n_tokens, rates, b) <= best * (1 + 1e-12)
+
+
+def test_compression_shifts_split_towards_loading():
+    """Smaller stored bytes (compressed layers) lower the chosen recompute ratio."""
+    rates = RestoreRates(recompute_s_per_token=1e-6, load_bytes_per_s=1e9)
+    full = choose_split(2000, L, rates, FULL)
+    compressed = choose_split(2000, L, rates, COMPRESSED)
+    assert compressed.recompute_ratio < full.recompute_ratio
+    assert compressed.t_restore_s < full.t_restore_s
+
+
+def test_extreme_bandwidths():
+    """Infinite bandwidth loads everything (r = 0); zero bandwidth recomputes everything (r = 1)."""
+    fast = choose_split(1000, L, RestoreRates(1e-6, load_bytes_per_s=math.inf), FULL)
+    assert fast.recompute_ratio == 0.0 and fast.t_restore_s == 0.0
+    dead = choose_split(1000, L, RestoreRates(1e-6, load_bytes_per_s=0.0), FULL)
+    assert dead.recompute_ratio == 1.0 and dead.t_load_s == 0.0
+
+
+def test_predict_hand_computed():
+    """predict adds per-token, quadratic, per-layer and fixed terms of each stream."""
+    rates = RestoreRates(recompute_s_per_token=1.0, recompute_s_per_token_sq=0.1, recompute_s_per_layer=10.0,
+                         recompute_s_fixed=100.0, load_bytes_per_s=2.0, load_s_per_layer=1000.0,
+                         load_s_fixed=10000.0)
+    split = RestoreSplit((3, 2, 0), n_tokens=4)
+    t_rec, t_load = predict(split, rates, [2.0, 4.0, 1.0])
+    assert t_rec == pytest.approx(100 + 2 * 10 + 5 * 1.0 + 0.1 * (9 + 4))
+    assert t_load == pytest.approx(10000 + 3 * 1000 + (1 * 2 + 2 * 4 + 4 * 1) / 2.0)
+    assert predict(RestoreSplit((0, 0, 0), 4), rates, [1, 1, 1])[0] == 0.0
+    assert predict(RestoreSplit((4, 4, 4), 4), rates, [1, 1, 1])[1] == 0.0
+
+
+def test_fixed_and_cake_splits():
+    """fixed_split is flat at its ratio; cake_split is choose_split with slope 0."""
+    f = fixed_split(1000, L, 0.4)
+    assert f.recompute_ratio == pytest.approx(0.4) and max(f.lengths) - min(f.lengths) <= 1
+    rates, b = SETTINGS["linear-balanced"]
+    assert cake_split(1000, L, rates, 2048.0).lengths == choose_split(1000, L, rates, b, slope=0.0).lengths
+
+
+def test_bound_closed_form_equals_brute_force():
+    """bound_s equals the minimum over a dense r grid of max(r N / P, (1 - r) N b / B)."""
+    for n, p, b, bw in ((2000, 3.2e4, 1.3e5, 5.5e10), (4000, 5e3, 5e5, 1e10), (500, 1e4, 1e6, 1e9)):
+        r = np.linspace(0, 1, 200001)
+        brute = np.maximum(r * n / p, (1 - r) * n * b / bw).min()
+        assert bound_s(n, p, b, bw) == pytest.approx(brute, rel=1e-4)
+        r_star = bound_recompute_ratio(n, p, b, bw)
+        assert r_star * n / p == pytest.approx((1 - r_star) * n * b / bw)
+    assert bound_s(1000, 1e4, 1e5, math.inf) == 0.0
+    assert bound_s(1000, 1e4, 1e5, 0.0) == pytest.approx(0.1)
+
+
+def test_rates_and_split_round_trip_and_validation():
+    """RestoreRates/RestoreSplit survive to_dict/from_dict; bad lengths are rejected."""
+    rates = SETTINGS["quadratic+fixed"][0]
+    assert RestoreRates.from_dict(rates.to_dict()) == rates
+    split = RestoreSplit((5, 3, 3), 5, 1.0, 2.0)
+    assert RestoreSplit.from_dict(split.to_dict()) == split
+    with pytest.raises(ValueError, match="non-increasing"):
+        RestoreSplit((1, 2), 5)
+    with pytest.raises(ValueError, match="lie in"):
+        RestoreSplit((6, 2), 5)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        predict(split, rates, [1.0, 2.0])
