@@ -120,6 +120,12 @@ class Engine:
                               f"{self.max_new_tokens} new, more than the model's context of {limit}; "
                               "use --limit/--max-turns or a shorter conversation")
 
+    def _forward(self, conversation_id: str, input_ids: torch.Tensor, cache, logits_to_keep: int = 0):
+        """A forward of new tokens; through the attention estimator when the policy needs one."""
+        if self.estimator is not None:
+            return self.estimator.forward(conversation_id, input_ids, cache, logits_to_keep=logits_to_keep)
+        return self.adapter.forward(input_ids, cache, logits_to_keep=logits_to_keep)
+
     # -- the turn ----------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor) -> int:
         """logits: (vocab,) float32 -> one token id."""
@@ -159,7 +165,7 @@ class Engine:
         # 2. prefill the new input, first token
         new_ids = torch.tensor([ctx_ids[keep:]], dtype=torch.long)
         t_prefill = time.perf_counter()
-        logits = adapter.forward(new_ids, cache, logits_to_keep=1)[0, -1]
+        logits = self._forward(conversation_id, new_ids, cache, logits_to_keep=1)[0, -1]
         first = self._sample(logits)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -170,7 +176,8 @@ class Engine:
         # 3. decode the model's own answer
         generated = [first]
         while len(generated) < self.max_new_tokens and generated[-1] not in self.eos_ids:
-            step = adapter.forward(torch.tensor([[generated[-1]]]), cache, logits_to_keep=1)[0, -1]
+            step = self._forward(conversation_id, torch.tensor([[generated[-1]]]), cache,
+                                 logits_to_keep=1)[0, -1]
             generated.append(self._sample(step))
         text = adapter.tokenizer.decode(generated, skip_special_tokens=True)
 
@@ -185,7 +192,7 @@ class Engine:
         tail = torch.tensor([end_ids[keep2:]], dtype=torch.long)
         nll_sum, token_nll = 0.0, []
         if tail.shape[1]:
-            tail_logits = adapter.forward(tail, cache)[0]
+            tail_logits = self._forward(conversation_id, tail, cache)[0]
             if reply is not None and self.history == "teacher" and keep2 == len(ctx_ids):
                 # position i's logits predict token i+1; the first reply token is predicted by the
                 # last context position (from step 2)
@@ -223,6 +230,8 @@ class Engine:
         if max_turns is not None:
             user_idx = user_idx[:max_turns]
         self.store.delete(conversation.id)
+        if self.estimator is not None:
+            self.estimator.reset(conversation.id)
         history: list[dict] = [m for m in messages[:user_idx[0]]] if user_idx else []
         try:
             for turn_idx, i in enumerate(user_idx):
@@ -232,5 +241,5 @@ class Engine:
                 yield result
                 content = reply if (self.history == "teacher" and reply is not None) else result.generated_text
                 history = history + [messages[i], {"role": "assistant", "content": content}]
-        finally:
+        finally:  # the estimator's stats stay readable until the next replay of this id
             self.store.delete(conversation.id)
