@@ -90,7 +90,7 @@ def build_engine(args, policy_name: str | None = None):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model, tokenizer = models.load_model(args.model, device=device, dtype=dtype)
     adapter = ModelAdapter(model, tokenizer, args.model)
-    policy = get_policy(policy_name or args.policy, getattr(args, "recompute_ratio", None))
+    policy = get_policy(policy_name or args.policy, getattr(args, "recompute_ratio", None), model=args.model)
     estimator = None
     if policy.needs_estimator:
         from krul.estimator import AttentionEstimator

@@ -100,6 +100,10 @@ class Engine:
         self.history = history
         self.estimator = estimator
         self.rates = rates
+        # conversation id -> per-turn SimilarityStats recorded by an earlier full-KV pass with the
+        # estimator (calibration and figure runs reuse one base pass across policies)
+        self.recorded_stats: dict | None = None
+        self._turn_idx = 0
         tok = adapter.tokenizer
         eos = {tok.eos_token_id}
         gen_eos = getattr(adapter.model.generation_config, "eos_token_id", None)
@@ -119,6 +123,13 @@ class Engine:
             raise EngineError(f"conversation {conversation_id!r} needs {n_tokens} tokens + "
                               f"{self.max_new_tokens} new, more than the model's context of {limit}; "
                               "use --limit/--max-turns or a shorter conversation")
+
+    def similarity_stats(self, conversation_id: str):
+        """The conversation's attention statistics so far: recorded, or from the live estimator."""
+        if self.recorded_stats is not None:
+            turns = self.recorded_stats.get(conversation_id)
+            return turns[min(self._turn_idx, len(turns) - 1)] if turns else None
+        return self.estimator.stats(conversation_id) if self.estimator is not None else None
 
     def _forward(self, conversation_id: str, input_ids: torch.Tensor, cache, logits_to_keep: int = 0):
         """A forward of new tokens; through the attention estimator when the policy needs one."""
@@ -141,6 +152,7 @@ class Engine:
         if not str(user.get("content", "")).strip():
             raise EngineError(f"conversation {conversation_id!r} turn {turn_idx}: empty user message")
         adapter, device = self.adapter, self.adapter.device
+        self._turn_idx = turn_idx
         ctx_ids = self.render(messages_before + [user], add_generation_prompt=True)
         self._check_length(conversation_id, len(ctx_ids))
 

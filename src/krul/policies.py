@@ -50,6 +50,7 @@ class RestorePolicy:
     selector_params: dict = field(default_factory=dict)
     compress_params: dict = field(default_factory=dict)
     needs_estimator: bool = False
+    head_reduce: str = "mean"  # how per-head distances combine (the paper is silent): mean of per-head
 
     def with_params(self, **changes) -> "RestorePolicy":
         """A copy with fields changed (e.g. `recompute_ratio`, `selector_params`)."""
@@ -62,7 +63,7 @@ class RestorePolicy:
             return None
         from krul.selector import SelectionInput, make_selector
 
-        stats = engine.estimator.stats(conversation_id) if engine.estimator is not None else None
+        stats = engine.similarity_stats(conversation_id)
         if stats is None:
             if self.needs_estimator:
                 raise PolicyError(f"policy {self.name!r} needs the attention estimator; run the engine "
@@ -70,7 +71,8 @@ class RestorePolicy:
             distances = torch.zeros(n_layers, n_layers, dtype=torch.float64)
             boundary = torch.ones(n_layers, dtype=torch.float64)
         else:
-            distances, boundary = stats.distances(), stats.boundary_ratio()
+            distances = stats.distances(self.head_reduce)
+            boundary = stats.boundary_ratio()
         selection = SelectionInput(distances=distances, boundary_ratio=boundary, n_layers=n_layers,
                                    layer_bytes_per_token=float(engine.adapter.layer_kv_bytes_per_token()))
         return make_selector(self.selector, **self.selector_params).select(selection)
@@ -162,11 +164,36 @@ POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
 ]}
 
 
-def get_policy(name: str, recompute_ratio: float | None = None) -> RestorePolicy:
-    """The registry's policy; `recompute_ratio` fixes the split instead (0 = load everything)."""
+def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
+    """Fill a policy's calibrated values for `model` from `experiments/calibration/<model>.json`
+    (written by `python -m krul.calibrate` on the dev split): tau and the target ratio of the krul
+    family, the fixed pairs of krul-fix and kvsharer (at krul's pair count), minicache's ratio."""
+    from krul.calibrate import load_calibration
+
+    cal = load_calibration(model)
+    if cal is None or policy.selector is None:
+        return policy
+    params = dict(policy.selector_params)
+    n_pairs = int(cal.get("n_pairs", 0))
+    if policy.selector == "krul":
+        params.update(tau=cal["tau"], target_ratio=cal["target_ratio"])
+    elif policy.name == "krul-fix":
+        params.update(pairs=tuple(map(tuple, cal["krul_fix_pairs"][:n_pairs])))
+    elif policy.name == "kvsharer":
+        params.update(pairs=tuple(map(tuple, cal["kvsharer_pairs"][:n_pairs])))
+    elif policy.selector == "minicache":
+        params.update(target_ratio=cal["target_ratio"])
+    return policy.with_params(selector_params=params)
+
+
+def get_policy(name: str, recompute_ratio: float | None = None, model: str | None = None) -> RestorePolicy:
+    """The registry's policy; `recompute_ratio` fixes the split instead (0 = load everything);
+    `model` fills the values calibrated on dev for that model, when a calibration exists."""
     if name not in POLICIES:
         raise PolicyError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     policy = POLICIES[name]
+    if model is not None:
+        policy = calibrated(policy, model)
     if recompute_ratio is not None and policy.split != "recompute":
         if not 0.0 <= recompute_ratio <= 1.0:
             raise PolicyError(f"--recompute-ratio must be in [0, 1], got {recompute_ratio}")

@@ -1,0 +1,190 @@
+"""Calibration on the `dev` split, and nll-vs-compression curves.
+
+One base pass per conversation (full KV, attention estimator on, teacher-forced) records the
+similarity statistics at the end of every turn and the reference nll; every policy and compression
+level then replays the conversation with those recorded statistics (`Engine.recorded_stats`) at
+recompute ratio 0, so that only compression can cost quality, and with one generated token per
+turn (the nll needs no decoding). Calibration picks, on `dev` only, the preemptive threshold tau
+and the largest target ratio whose nll stays within 1% of full KV (upper bound of the paired
+bootstrap interval), plus the single best fixed plans for `krul-fix` (similar first) and
+`kvsharer` (dissimilar first). The result is written to `experiments/calibration/<model>.json`
+and read by `policies.get_policy(..., model=...)`.
+
+Usage: `python -m krul.calibrate --model smollm2-135m [--n-conversations 8]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from krul import paths
+
+
+def calibration_path(model: str) -> Path:
+    return paths.experiments_dir() / "calibration" / f"{model}.json"
+
+
+def load_calibration(model: str) -> dict | None:
+    path = calibration_path(model)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pick_conversations(split: str, n: int, max_tokens: int, tokenizer, max_turns: int = 3):
+    """The first `n` conversations of `split` in hash order whose first `max_turns` turns
+    (replies included) fit in `max_tokens` tokens and that have at least 2 user turns."""
+    from krul import data
+
+    out = []
+    for conv in data.load_conversations("sharegpt", split=split):
+        users = conv.user_turn_indices()
+        if len(users) < 2:
+            continue
+        end = users[max_turns] if len(users) > max_turns else len(conv.messages)
+        ids = tokenizer.apply_chat_template(conv.messages[:end], tokenize=True, return_dict=True)["input_ids"]
+        if len(ids) > max_tokens:
+            continue
+        out.append(conv)
+        if len(out) == n:
+            break
+    return out
+
+
+def base_pass(adapter, conversations, max_turns: int = 3, progress: bool = True):
+    """Full-KV replay with the estimator: (records conv -> [stats after turn t], rows)."""
+    from tqdm.auto import tqdm
+
+    from krul.engine import Engine
+    from krul.estimator import AttentionEstimator
+    from krul.similarity import SimilarityStats
+    from krul.store import make_store
+
+    estimator = AttentionEstimator(adapter)
+    engine = Engine(adapter, "full-load", make_store("pageable"), max_new_tokens=1, estimator=estimator)
+    records, rows = {}, []
+    for conv in tqdm(conversations, desc="base pass", disable=not progress, leave=False):
+        for result in engine.replay(conv, max_turns=max_turns):
+            snap = SimilarityStats.from_state_dict(
+                {k: (v.clone() if torch.is_tensor(v) else v) for k, v in estimator.stats(conv.id).state_dict().items()})
+            records.setdefault(conv.id, []).append(snap)
+            rows.append(result)
+    return records, rows
+
+
+def replay_with(adapter, policy, conversations, records, max_turns: int = 3, progress: bool = False):
+    """Replay with recorded stats at recompute ratio 0 and one generated token per turn."""
+    from krul.engine import Engine
+    from krul.evaluation import run_policy
+    from krul.store import make_store
+
+    engine = Engine(adapter, policy, make_store("pageable"), max_new_tokens=1)
+    engine.recorded_stats = records
+    return run_policy(engine, conversations, max_turns, progress=progress)
+
+
+def per_conv(rows) -> dict:
+    out: dict[str, list] = {}
+    for r in rows:
+        if r.turn_idx >= 1:
+            s = out.setdefault(r.conversation_id, [0.0, 0])
+            s[0] += r.reply_nll_sum
+            s[1] += r.reply_tokens
+    return {k: tuple(v) for k, v in out.items() if v[1] > 0}
+
+
+def curve_point(adapter, policy, conversations, records, base_rows, max_turns=3) -> dict:
+    """nll of `policy` vs the base pass (paired bootstrap ratio) and its compression."""
+    from krul.evaluation import paired_ratio_ci, summarize
+
+    rows = replay_with(adapter, policy, conversations, records, max_turns)
+    summary = summarize(rows, adapter.name, policy.name)
+    point, lo, hi = paired_ratio_ci(per_conv(rows), per_conv(base_rows))
+    return {"policy": policy.name, "nll": summary["nll"], "nll_ratio": point, "nll_ratio_lo": lo,
+            "nll_ratio_hi": hi, "compression_ratio": summary["compression_ratio"],
+            "storage_ratio": summary["storage_ratio"]}
+
+
+def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_turns: int = 3,
+              taus=(0.0, 0.2, 0.4, 0.6), pair_counts=(1, 2, 4, 6, 8, 10), tolerance: float = 0.01,
+              progress: bool = True) -> dict:
+    """Calibrate tau, the target ratio and the fixed plans on `dev`; write and return the record."""
+    from tqdm.auto import tqdm
+
+    from krul import models
+    from krul.adapter import ModelAdapter
+    from krul.policies import get_policy
+    from krul.selector import calibrate_fixed_pairs, SelectionInput
+
+    t0 = time.time()
+    model_obj, tok = models.load_model(model)
+    adapter = ModelAdapter(model_obj, tok, model)
+    convs = pick_conversations("dev", n_conversations, max_tokens, tok, max_turns)
+    records, base_rows = base_pass(adapter, convs, max_turns, progress)
+    n_layers = adapter.n_layers
+    grid = []
+    for tau in tqdm(taus, desc="tau", disable=not progress):
+        for k in pair_counts:
+            ratio = n_layers / (n_layers - k)
+            policy = get_policy("krul", recompute_ratio=0.0).with_params(
+                selector_params={"tau": tau, "target_ratio": ratio})
+            point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
+            point.update(tau=tau, n_pairs=k, target_ratio=ratio)
+            grid.append(point)
+    ok = [g for g in grid if g["nll_ratio_hi"] <= 1 + tolerance]
+    best = max(ok, key=lambda g: (g["compression_ratio"] or 0, -g["tau"])) if ok else None
+    finals = [recs[-1] for recs in records.values()]
+    inputs = [SelectionInput.from_stats(s, normalize=True) for s in finals]
+    max_k = max(pair_counts)
+    tau = best["tau"] if best else max(taus)
+    record = {
+        "model": model, "split": "dev", "conversations": [c.id for c in convs], "max_turns": max_turns,
+        "tolerance": tolerance, "tau": tau,
+        "target_ratio": best["target_ratio"] if best else 1.0,
+        "n_pairs": best["n_pairs"] if best else 0,
+        "krul_fix_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="ascending", tau=tau)],
+        "kvsharer_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="descending")],
+        "grid": grid, "runtime_s": time.time() - t0, "provenance": _provenance(),
+    }
+    path = calibration_path(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _provenance() -> dict:
+    import platform
+    import subprocess
+
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=paths.REPO_ROOT).stdout.strip()
+    except OSError:
+        sha = ""
+    return {"git_sha": sha, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "device": "cpu", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m krul.calibrate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--n-conversations", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--taus", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6])
+    p.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10])
+    args = p.parse_args(argv)
+    rec = calibrate(args.model, args.n_conversations, args.max_tokens, taus=args.taus,
+                    pair_counts=args.pairs)
+    print(json.dumps({k: v for k, v in rec.items() if k != "grid"}))
+    for g in rec["grid"]:
+        print(json.dumps(g))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
