@@ -156,3 +156,117 @@ class ModelAdapter:
             layer = capture.layers[layer_idx]
             out[layer_idx] = (layer.keys, layer.values)
         return out
+
+    # === attention capture, for krul.estimator ==================================================
+    # (One block, appended; nothing above depends on it.) Attention probabilities are observed
+    # through transformers' own extension point: a function registered in `AttentionInterface`
+    # under CAPTURE_ATTENTION computes exactly what `eager_attention_forward` computes and hands
+    # the float32 probabilities to the observer installed by `capture_attention`. Outside that
+    # context the model runs its usual implementation (sdpa) again.
+    CAPTURE_ATTENTION = "krul_estimate"
+    # id(model config) -> observer(layer_idx, probs); class-wide, like transformers' registries.
+    _capture_observers: dict = {}
+
+    def attention_implementation(self, name: str):
+        """Context manager: the model runs attention implementation `name` inside the block.
+
+        Uses `PreTrainedModel.set_attn_implementation` (transformers >= 5.17 accepts any name
+        registered in `AttentionInterface`; it sets the config of the model and its submodels) and
+        restores the previous implementation in `finally`.
+        """
+        import contextlib
+
+        @contextlib.contextmanager
+        def _switch():
+            previous = self.config._attn_implementation
+            if previous == name:
+                yield
+                return
+            self.model.set_attn_implementation(name)
+            try:
+                yield
+            finally:
+                self.model.set_attn_implementation(previous)
+
+        return _switch()
+
+    def capture_attention(self, observer):
+        """Context manager: every attention layer hands its probabilities to `observer`.
+
+        Inside the block attention is computed as eager attention computes it (repeat_kv, scaling,
+        additive mask, softmax in float32) and `observer(layer_idx, probs)` is called per layer
+        with probs: (1, heads, q, k) float32 (query heads; GQA keys are repeated), before the cast
+        to the model's dtype. The observer must not modify `probs`. Captures do not nest.
+        """
+        import contextlib
+
+        self._register_capture_attention()
+
+        @contextlib.contextmanager
+        def _capture():
+            key = id(self.config)
+            if key in ModelAdapter._capture_observers:
+                raise RuntimeError("attention capture is already on for this model; "
+                                   "leave the enclosing capture_attention block first")
+            ModelAdapter._capture_observers[key] = observer
+            try:
+                with self.attention_implementation(self.CAPTURE_ATTENTION):
+                    yield
+            finally:
+                ModelAdapter._capture_observers.pop(key, None)
+
+        return _capture()
+
+    @classmethod
+    def _register_capture_attention(cls) -> None:
+        """Register the capturing attention function and its mask builder (idempotent)."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register(cls.CAPTURE_ATTENTION, cls._capture_attention_forward)
+        # For a name it does not know, `create_causal_mask` returns None (no mask at all, which
+        # eager math would read as full attention); registering eager's mask builder under the same
+        # name makes transformers pass the additive (batch, 1, q, k) float mask eager receives.
+        AttentionMaskInterface.register(cls.CAPTURE_ATTENTION, eager_mask)
+
+    @staticmethod
+    def _capture_attention_forward(module, query, key, value, attention_mask, scaling,
+                                   dropout: float = 0.0, **kwargs):
+        """`eager_attention_forward`, step for step, plus the hand-off of the probabilities.
+
+        query: (batch, heads, q, head_dim); key, value: (batch, kv_heads, k, head_dim);
+        attention_mask: additive float (batch, 1, q, k) (what transformers passes once the mask
+        builder is registered), bool (True = attend), or None, in which case causal masking is
+        built here from the lengths: query i sits at absolute position k - q + i.
+        Returns (attn_output (batch, q, heads, head_dim), attn_weights (batch, heads, q, k)).
+        """
+        n_rep = module.num_key_value_groups
+
+        def repeat_kv(x: torch.Tensor) -> torch.Tensor:  # as transformers' repeat_kv
+            batch, n_kv, n_tok, head_dim = x.shape
+            if n_rep == 1:
+                return x
+            return x[:, :, None].expand(batch, n_kv, n_rep, n_tok, head_dim).reshape(
+                batch, n_kv * n_rep, n_tok, head_dim)
+
+        key_states, value_states = repeat_kv(key), repeat_kv(value)
+        attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+        n_q, n_k = query.shape[-2], key_states.shape[-2]
+        if attention_mask is None and n_q > 1:
+            rows = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
+            attention_mask = torch.arange(n_k, device=query.device)[None, :] <= rows
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                attn_weights = attn_weights.masked_fill(~attention_mask,
+                                                        torch.finfo(attn_weights.dtype).min)
+            else:
+                attn_weights = attn_weights + attention_mask
+        probs = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32)
+        observer = ModelAdapter._capture_observers.get(id(module.config))
+        if observer is not None:
+            observer(module.layer_idx, probs)
+        attn_weights = probs.to(query.dtype)
+        attn_weights = torch.nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+        attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+        return attn_output, attn_weights
+    # === end of attention capture ===============================================================

@@ -1,52 +1,1079 @@
-"""Execute a restore: recompute the pyramid's prefixes and load the rest, on two streams.
+"""Execute a restore: recompute the pyramid's prefixes and load the rest, overlapped.
 
-Given a `StoredState` (on any tier) and a model adapter, produce per-layer `(keys, values)` on the
-model's device covering every history token. The recompute stream runs layers on sliced hidden
-states (`ModelAdapter.recompute_prefix`); the load stream copies each layer's stored items to the
-device and expands compressed pairs. The streams are independent (recomputing layer l needs only
-tokens [0:L_l], loading needs nothing computed), so they are joined once per layer at the end.
-On CUDA the load stream is a side CUDA stream (non-blocking copies from pinned memory); on the CPU
-it is a worker thread. Both report their measured time beside the scheduler's prediction.
+Given a stored state (a `StoredState` in CPU memory, pinned or pageable, or a `DiskSource`: a state
+file of `store.DiskStore`, read during the restore) and a model adapter, write every history token's
+KV into preallocated per-layer device buffers (`BufferCache`): layer l's tokens [0:L_l] are
+recomputed (layer by layer on sliced hidden states, `recompute_into`), tokens [L_l:N] are loaded
+(copied to the device and, for compressed pairs, expanded). The two parts of a layer are disjoint
+regions of the same buffer, so nothing is concatenated and nothing is copied twice; the model then
+continues from the same `BufferCache` (a transformers `Cache` whose layers write in place).
 
-This module knows nothing about which policy chose the plan; it executes what the state says.
+How the streams run:
+- CUDA: recompute on its own stream; host-to-device copies on a copy stream; expansion and placement
+  into the buffers on a third stream that waits per item on the copy stream (so the copy engine never
+  idles behind a kernel). Pinned sources are copied directly, their copies enqueued a few items at a
+  time between recomputed layers (layer l+1 copies while layer l computes). Pageable and disk sources
+  go through a preallocated pool of page-locked slots (`HostPool`): reader threads fill slots
+  (memcpy, or file reads with the page cache dropped by the caller), an issuer thread enqueues the
+  slot-to-device copies, a hasher thread checks the disk body's sha256 as it streams by. Nothing is
+  pinned on the restore path. The streams are joined once before returning (`join="end"`), or per
+  layer by the consumer (`join="layer"`: each layer's first use waits for that layer's ready events,
+  so the new input's forward starts on shallow layers while deeper ones are still arriving).
+- CPU: the loader runs on a worker thread while the main thread recomputes.
+Per-stream CUDA events (or host clocks on the CPU) give the measured stream times and, with
+`timeline=True`, a per-layer timeline `(stream, layer, start_ms, end_ms)` relative to the start.
+
+This module knows nothing about which policy chose the state's plan; it executes what the state says.
+Its only contact with transformers internals is the marked section below (`BufferLayer`,
+`BufferCache`, `recompute_into`), written to move into `adapter.py` as is.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from krul.adapter import KV, ModelAdapter
-from krul.store import StoredState, StoreError, check_fingerprint
+from krul.store import (_MAGIC, StoredItem, StoredState, StoreError, _payload_from_tensors,
+                        check_fingerprint)
 
 
+# =============================================================================================
+# transformers contact: a Cache over preallocated buffers, and the pyramid recompute into it.
+# (To move into adapter.py; everything below this section uses only the tensors.)
+# =============================================================================================
+class BufferLayer(DynamicLayer):
+    """One layer's K and V in preallocated buffers `(1, kv_heads, capacity, head_dim)`.
+
+    `update` writes the new tokens in place at the current length and returns views of the
+    buffers (no concatenation, no reallocation). `keys`/`values` are always the views
+    `[:, :, :length]`; assigning a prefix view of the buffer (as `ModelAdapter.crop` does) sets the
+    length, assigning another tensor copies it in.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, keys_buf: torch.Tensor, values_buf: torch.Tensor):
+        self._k_buf, self._v_buf = keys_buf, values_buf
+        self.length = 0
+        self.pending: list = []  # CUDA events the layer's restored tokens wait on (per-layer join)
+        super().__init__()
+        self.dtype, self.device = keys_buf.dtype, keys_buf.device
+        self.is_initialized = True
+
+    # the views the rest of transformers reads
+    def join(self) -> None:
+        """Make the current stream wait until this layer's restored tokens are written."""
+        if self.pending:
+            stream = torch.cuda.current_stream(self._k_buf.device)
+            for ev in self.pending:
+                stream.wait_event(ev)
+            self.pending = []
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._k_buf[:, :, :self.length]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self._assign(self._k_buf, value)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v_buf[:, :, :self.length]
+
+    @values.setter
+    def values(self, value) -> None:
+        self._assign(self._v_buf, value)
+
+    def _assign(self, buf: torch.Tensor, value) -> None:
+        if value is None:  # base-class initialisation
+            return
+        n = value.shape[-2]
+        if n > buf.shape[-2]:
+            raise ValueError(f"{n} tokens do not fit a buffer of capacity {buf.shape[-2]}")
+        if value.data_ptr() != buf.data_ptr():
+            buf[:, :, :n].copy_(value)
+        self.length = n
+
+    @property
+    def capacity(self) -> int:
+        return self._k_buf.shape[-2]
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write `(1, kv_heads, q, head_dim)` new K/V at [length, length + q); return the full views."""
+        start = self.length
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"the KV buffer holds {self.capacity} tokens; {end} needed. Size the "
+                             "BufferCache for history + new input (+ decoded tokens)")
+        self.join()
+        self._k_buf[:, :, start:end].copy_(key_states)
+        self._v_buf[:, :, start:end].copy_(value_states)
+        self.length = end
+        if start == 0 and key_states.dtype == self._k_buf.dtype:
+            # the fresh (contiguous) tensors equal what was written; attention reads them directly
+            return key_states, value_states
+        return self.keys, self.values
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length=None, *args) -> tuple[int, int]:
+        """(kv_length, kv_offset); older transformers pass `cache_position` (a tensor) instead."""
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length or 0)
+        return self.length + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.2x name
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        self.length = max(0, self.length + max_length) if max_length < 0 else min(self.length, max_length)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def offload(self):
+        raise NotImplementedError("BufferCache layers live in preallocated device buffers; offload "
+                                  "through krul.store instead")
+
+    def prefetch(self):
+        raise NotImplementedError("BufferCache layers live in preallocated device buffers")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("BufferCache holds one sequence (batch 1)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("BufferCache holds one sequence (batch 1)")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("BufferCache holds one sequence (batch 1)")
+
+
+class BufferCache(Cache):
+    """A transformers `Cache` whose layers are preallocated buffers (see `BufferLayer`).
+
+    Parameters
+    ----------
+    n_layers, n_kv_heads, head_dim : the model's KV geometry.
+    capacity : tokens each layer holds (history + new input, + decoded tokens if any).
+    dtype, device : the model's.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (1, n_kv_heads, int(capacity), head_dim)
+        layers = [BufferLayer(torch.empty(shape, dtype=dtype, device=device),
+                              torch.empty(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def for_adapter(cls, adapter: ModelAdapter, capacity: int) -> "BufferCache":
+        return cls(adapter.n_layers, adapter.n_kv_heads, adapter.head_dim, capacity, adapter.dtype,
+                   adapter.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
+
+    def set_length(self, n_tokens: int) -> None:
+        """Declare every layer to hold `n_tokens` tokens (the buffers are not touched)."""
+        if not 0 <= n_tokens <= self.capacity:
+            raise ValueError(f"length {n_tokens} outside [0, {self.capacity}]")
+        for layer in self.layers:
+            layer.length = int(n_tokens)
+
+    def join(self) -> None:
+        """Make the current stream wait for every layer's pending restore (see `restore_into`)."""
+        for layer in self.layers:
+            layer.join()
+
+    def buffers(self, layer_idx: int) -> KV:
+        """The whole `(keys, values)` buffers of a layer, `(1, kv_heads, capacity, head_dim)`."""
+        layer = self.layers[layer_idx]
+        return layer._k_buf, layer._v_buf
+
+    def kv(self) -> list[KV]:
+        """Per layer `(keys, values)` views of the held tokens, `(1, kv_heads, length, head_dim)`."""
+        self.join()
+        return [(layer.keys, layer.values) for layer in self.layers]
+
+    def fill_(self, value: float) -> "BufferCache":
+        """Overwrite every buffer (tests and checks: unwritten regions then show up)."""
+        self.join()
+        for layer in self.layers:
+            layer._k_buf.fill_(value)
+            layer._v_buf.fill_(value)
+        return self
+
+    def nbytes(self) -> int:
+        return sum(2 * layer._k_buf.numel() * layer._k_buf.element_size() for layer in self.layers)
+
+
+@torch.inference_mode()
+def recompute_into(adapter: ModelAdapter, token_ids: torch.Tensor, lengths: Sequence[int],
+                   cache: BufferCache, on_layer: Callable[[int, str], None] | None = None) -> None:
+    """Recompute layer l's KV of tokens [0:L_l] into `cache` layer by layer (the pyramid).
+
+    Layer l runs on the hidden states of tokens [0:L_l] that layer l-1 produced, which exist
+    because `lengths` is non-increasing; causal attention makes the result the plain forward's.
+    Each recomputed layer's buffer region [0:L_l] is written by the layer's own `cache.update`;
+    its length is L_l afterwards. Layers with L_l = 0 are not touched.
+
+    token_ids : (1, >= L_0) on the adapter's device ; lengths : (n_layers,) non-increasing.
+    on_layer : called as `on_layer(layer_idx, "start" | "end")` around each layer (timelines).
+    """
+    n_layers = adapter.n_layers
+    if len(lengths) != n_layers:
+        raise ValueError(f"lengths has {len(lengths)} entries for {n_layers} layers")
+    if any(b > a for a, b in zip(lengths, lengths[1:])):
+        raise ValueError(f"recompute lengths must be non-increasing with depth: {list(lengths)}")
+    n0 = int(lengths[0])
+    if n0 == 0:
+        return
+    inner = adapter.model.model
+    ids = token_ids[:, :n0]
+    positions = torch.arange(n0, device=ids.device)[None]
+    hidden = inner.embed_tokens(ids)
+    cos, sin = inner.rotary_emb(hidden, position_ids=positions)
+    last = max(i for i, n in enumerate(lengths) if n > 0)
+    for layer_idx in range(last + 1):
+        n = int(lengths[layer_idx])
+        if on_layer is not None:
+            on_layer(layer_idx, "start")
+        cache.layers[layer_idx].length = 0
+        hidden = hidden[:, :n]
+        hidden = inner.layers[layer_idx](
+            hidden, attention_mask=adapter._causal_mask(n), position_ids=positions[:, :n],
+            past_key_values=cache, use_cache=True, position_embeddings=(cos[:, :n], sin[:, :n]))
+        if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
+            hidden = hidden[0]
+        if on_layer is not None:
+            on_layer(layer_idx, "end")
+
+
+# =============================================================================================
+# Sources: what a restore reads from
+# =============================================================================================
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """Where one stored tensor lies in a state file."""
+
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class FilePayload:
+    """A stored payload still on disk: its tensors' locations, read during the restore."""
+
+    method: str
+    files: dict[str, FileTensor]
+    extra: dict
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.files.values())
+
+    def meta(self) -> dict:
+        return self.extra
+
+
+@dataclass
+class OpenedFile:
+    """A state file's header: the state (with `FilePayload`s) and where its body lies."""
+
+    path: Path
+    state: StoredState
+    body_offset: int
+    body_nbytes: int
+    body_sha256: str
+
+
+class DiskSource:
+    """A state file written by `store.DiskStore`, restored by streaming it from the disk.
+
+    Nothing is read until `restore_into` opens it (the header read is part of the restore). The
+    caller drops the page cache beforehand if it wants cold reads (`drop_page_cache`).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def open(self) -> OpenedFile:
+        return open_state_file(self.path)
+
+
+def drop_page_cache(path: str | Path) -> None:
+    """fsync the file and ask the kernel to forget its cached pages (the next read hits the disk)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _pread_exact(fd: int, nbytes: int, offset: int) -> bytes:
+    out = bytearray()
+    while len(out) < nbytes:
+        chunk = os.pread(fd, nbytes - len(out), offset + len(out))
+        if not chunk:
+            raise StoreError(f"state file ends early: wanted {nbytes} bytes at offset {offset}")
+        out += chunk
+    return bytes(out)
+
+
+def open_state_file(path: str | Path) -> OpenedFile:
+    """Parse a `store.serialize` file's headers (magic, krul header, safetensors header) and token
+    ids; every other tensor stays on disk as a `FileTensor`."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no stored state at {path}")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        head = _pread_exact(fd, len(_MAGIC) + 8, 0)
+        if not head.startswith(_MAGIC):
+            raise StoreError(f"{path}: not a krul state file (bad magic)")
+        n = int.from_bytes(head[len(_MAGIC):], "little")
+        try:
+            header = json.loads(_pread_exact(fd, n, len(_MAGIC) + 8))
+            body = len(_MAGIC) + 8 + n
+            st_n = int.from_bytes(_pread_exact(fd, 8, body), "little")
+            st_header = json.loads(_pread_exact(fd, st_n, body + 8))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{path}: corrupted header ({exc})") from exc
+        data = body + 8 + st_n
+
+        def locate(name: str) -> FileTensor:
+            if name not in st_header:
+                raise StoreError(f"{path}: tensor {name!r} missing; the state file is corrupted")
+            e = st_header[name]
+            s, t = e["data_offsets"]
+            return FileTensor(data + s, t - s, _ST_DTYPES[e["dtype"]], tuple(e["shape"]))
+
+        ids_loc = locate("token_ids")
+        raw = _pread_exact(fd, ids_loc.nbytes, ids_loc.offset)
+        token_ids = torch.frombuffer(bytearray(raw), dtype=ids_loc.dtype).to(torch.int64) \
+            if ids_loc.nbytes else torch.zeros(0, dtype=torch.int64)
+        items = []
+        for i, meta in enumerate(header["items"]):
+            files = {key: locate(f"{i}.{key}") for key in meta["keys"]}
+            items.append(StoredItem(tuple(meta["layers"]), meta["start"], meta["end"],
+                                    FilePayload(meta["method"], files, meta["meta"])))
+    finally:
+        os.close(fd)
+    state = StoredState(header["fingerprint"], token_ids, tuple(header["recompute_lengths"]), items,
+                        header.get("meta", {}))
+    return OpenedFile(path, state, body, size - body, header.get("body_sha256", ""))
+
+
+# =============================================================================================
+# Host staging pool and streams (allocated once, reused by every restore)
+# =============================================================================================
+class HostPool:
+    """Preallocated staging slots for pageable and disk loads: page-locked when CUDA is used.
+
+    Allocating (pinning) happens here, once; restores only reuse the slots.
+    """
+
+    def __init__(self, n_slots: int = 16, slot_bytes: int = 16 << 20, pin: bool = True):
+        if n_slots < 2 or slot_bytes < 4096:
+            raise ValueError("HostPool needs >= 2 slots of >= 4 KiB")
+        self.n_slots, self.slot_bytes, self.pinned = n_slots, slot_bytes, pin
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_slots)]
+        self.arrays = [s.numpy() for s in self.slots]  # the same memory, for os.preadv and hashlib
+
+    def nbytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+
+_POOLS: dict[tuple, HostPool] = {}
+_STREAMS: dict[int, tuple] = {}
+
+
+def host_pool(device: torch.device, n_slots: int = 16, slot_bytes: int = 16 << 20) -> HostPool:
+    """The process-wide pool for `device` (pinned for CUDA), allocated on first use."""
+    key = (device.type, n_slots, slot_bytes)
+    if key not in _POOLS:
+        _POOLS[key] = HostPool(n_slots, slot_bytes, pin=device.type == "cuda")
+    return _POOLS[key]
+
+
+def _cuda_streams(device: torch.device) -> tuple:
+    """(copy, place, recompute) side streams of `device`, created once."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _STREAMS:
+        _STREAMS[idx] = tuple(torch.cuda.Stream(device=idx) for _ in range(3))
+    return _STREAMS[idx]
+
+
+class _Clock:
+    """Marks on CUDA streams (events) or the host clock; resolved to ms after the restore."""
+
+    def __init__(self, device: torch.device, detailed: bool):
+        self.cuda = device.type == "cuda"
+        self.detailed = detailed
+        self.spans: list[tuple[str, object, object, object]] = []
+        self.t0 = time.perf_counter()
+        self.t0_ev = None
+        if self.cuda:
+            self.t0_ev = torch.cuda.Event(enable_timing=True)
+            self.t0_ev.record()
+
+    def mark(self, stream=None):
+        if not self.cuda or stream is None:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    def ms(self, handle) -> float:
+        if isinstance(handle, float):
+            return (handle - self.t0) * 1e3
+        return self.t0_ev.elapsed_time(handle)
+
+    def add(self, stream_name: str, layers, start, end) -> None:
+        self.spans.append((stream_name, layers, start, end))
+
+    def resolve(self) -> list[tuple[str, int, float, float]]:
+        out = []
+        for name, layers, a, b in self.spans:
+            a_ms, b_ms = self.ms(a), self.ms(b)
+            for layer in (layers if isinstance(layers, (tuple, list)) else (layers,)):
+                out.append((name, int(layer), round(a_ms, 4), round(b_ms, 4)))
+        return sorted(out, key=lambda e: (e[2], e[0], e[1]))
+
+
+# =============================================================================================
+# The loader
+# =============================================================================================
+_ALIGN = 256
+
+
+@dataclass
+class _Job:
+    """One stored item to bring into the buffers."""
+
+    item: StoredItem
+    method: str
+    extra: dict
+    names: list[str]
+    dtypes: list[torch.dtype]
+    shapes: list[tuple[int, ...]]
+    nbytes: list[int]
+    offsets: list[int]  # in the job's staging buffer
+    sources: list  # host tensors (memory states) or FileTensor (disk)
+    total: int = 0
+    staging: torch.Tensor | None = None
+    remaining: int = 0
+
+    def tensors_from(self, staging: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, dt, shape, nb, off in zip(self.names, self.dtypes, self.shapes, self.nbytes, self.offsets):
+            out[name] = staging[off:off + nb].view(dt).view(shape)
+        return out
+
+
+def _make_jobs(state: StoredState) -> list[_Job]:
+    lengths = state.recompute_lengths
+    jobs = []
+    for item in sorted(state.items, key=lambda it: (min(it.layers), it.start)):
+        if all(item.end <= lengths[l] for l in item.layers):
+            continue  # everything it holds is recomputed
+        payload = item.payload
+        if isinstance(payload, FilePayload):
+            names = sorted(payload.files)
+            sources = [payload.files[n] for n in names]
+            dtypes = [s.dtype for s in sources]
+            shapes = [s.shape for s in sources]
+            nbytes = [s.nbytes for s in sources]
+            method, extra = payload.method, payload.meta()
+        else:
+            named = payload.tensors()
+            names = sorted(named)
+            sources = [named[n] for n in names]
+            dtypes = [t.dtype for t in sources]
+            shapes = [tuple(t.shape) for t in sources]
+            nbytes = [t.numel() * t.element_size() for t in sources]
+            method, extra = payload.method, payload.meta()
+        offsets, pos = [], 0
+        for nb in nbytes:
+            offsets.append(pos)
+            pos += -(-nb // _ALIGN) * _ALIGN
+        jobs.append(_Job(item, method, extra, names, dtypes, shapes, nbytes, offsets, sources, pos))
+    return jobs
+
+
+def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
+           lengths: Sequence[int]) -> None:
+    """Expand a job's payload (on the current stream) and write each layer's loaded tokens."""
+    payload = _payload_from_tensors(job.method, tensors, job.extra)
+    item = job.item
+    for layer_idx, (k, v) in zip(item.layers, payload.expand()):
+        begin = max(item.start, int(lengths[layer_idx]))
+        if begin >= item.end:
+            continue
+        skip = begin - item.start
+        k_buf, v_buf = cache.buffers(layer_idx)
+        k_buf[:, :, begin:item.end].copy_(k[:, :, skip:])
+        v_buf[:, :, begin:item.end].copy_(v[:, :, skip:])
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+class _Abort(Exception):
+    pass
+
+
+class _Loader:
+    """Moves a state's stored items into a `BufferCache` on the load streams (or a CPU thread).
+
+    Modes: "direct" (memory sources copied straight from where they lie: pinned memory to a CUDA
+    device, or any memory on the CPU) and "pool" (pageable memory or a file, staged through the
+    `HostPool` by reader threads).
+    """
+
+    def __init__(self, state: StoredState, cache: BufferCache, device: torch.device, clock: _Clock,
+                 opened: OpenedFile | None, verify: bool, pool: HostPool | None, n_readers: int | None):
+        self.state, self.cache, self.device, self.clock = state, cache, device, clock
+        self.lengths = state.recompute_lengths
+        self.opened = opened
+        self.verify = verify and opened is not None and bool(opened.body_sha256)
+        self.cuda = device.type == "cuda"
+        self.jobs = _make_jobs(state)
+        self.loaded_bytes = sum(sum(j.nbytes) for j in self.jobs)
+        self.copy_stream = self.place_stream = None
+        if self.cuda:
+            self.copy_stream, self.place_stream, _ = _cuda_streams(device)
+        if opened is not None:
+            self.mode = "pool"
+        elif self.cuda:
+            pinned = all(s.is_pinned() for j in self.jobs for s in j.sources if s.numel())
+            self.mode = "direct" if pinned else "pool"
+        else:
+            self.mode = "direct"
+        self.pool = pool
+        if self.mode == "pool" and self.pool is None:
+            self.pool = host_pool(device)
+        self.n_readers = n_readers or (4 if opened is not None else 2)
+        self.next_job = 0
+        self.last = None  # last mark (placement end)
+        self.hash_s = 0.0
+        self.read_s = 0.0
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+        self.abort = False
+        self.layer_ready: dict[int, object] = {}
+
+    # -- common --------------------------------------------------------------------------------
+    def _stream_ctx(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else _null_ctx()
+
+    def _finish_job(self, job: _Job, copied_event) -> None:
+        """Enqueue expansion and placement of a fully staged job on the place stream."""
+        with self._stream_ctx(self.place_stream):
+            if self.cuda:
+                self.place_stream.wait_event(copied_event)
+                job.staging.record_stream(self.place_stream)
+            a = self.clock.mark(self.place_stream) if self.clock.detailed else None
+            _place(job, job.tensors_from(job.staging), self.cache, self.lengths)
+            b = self.clock.mark(self.place_stream)
+            if a is not None:
+                self.clock.add("place", job.item.layers, a, b)
+            self.last = b
+            for layer_idx in job.item.layers:  # the latest placement of a layer is its ready event
+                self.layer_ready[layer_idx] = b
+        job.staging = None
+
+    # -- direct mode ---------------------------------------------------------------------------
+    def issue_direct(self, n_jobs: int | None = None) -> None:
+        """Enqueue (CUDA) or run (CPU) the next `n_jobs` jobs (all if None)."""
+        end = len(self.jobs) if n_jobs is None else min(len(self.jobs), self.next_job + n_jobs)
+        while self.next_job < end:
+            job = self.jobs[self.next_job]
+            self.next_job += 1
+            if not self.cuda:  # memory on the CPU: the sources are already where they are used
+                a = self.clock.mark()
+                _place(job, dict(zip(job.names, job.sources)), self.cache, self.lengths)
+                self.last = self.clock.mark()
+                if self.clock.detailed:
+                    self.clock.add("load", job.item.layers, a, self.last)
+                continue
+            with torch.cuda.stream(self.copy_stream):
+                a = self.clock.mark(self.copy_stream) if self.clock.detailed else None
+                job.staging = torch.empty(job.total, dtype=torch.uint8, device=self.device)
+                for src, nb, off in zip(job.sources, job.nbytes, job.offsets):
+                    if nb:
+                        job.staging[off:off + nb].copy_(_flat_bytes(src), non_blocking=True)
+                copied = torch.cuda.Event(enable_timing=self.clock.detailed)
+                copied.record(self.copy_stream)
+                if self.clock.detailed:
+                    self.clock.add("h2d", job.item.layers, a, copied)
+            self._finish_job(job, copied)
+
+    @property
+    def pending(self) -> int:
+        return len(self.jobs) - self.next_job
+
+    # -- pool mode -----------------------------------------------------------------------------
+    def start_pool(self) -> None:
+        """Start reader, issuer (and hasher) threads streaming the sources through the pool."""
+        pool = self.pool
+        segs = []  # (stream_pos, nbytes, job, staging_offset)
+        if self.opened is not None:
+            base = self.opened.body_offset
+            self.total = self.opened.body_nbytes
+            for job in self.jobs:
+                for src, nb, off in zip(job.sources, job.nbytes, job.offsets):
+                    if nb:
+                        segs.append((src.offset - base, nb, job, off))
+            self.extents = [(0, self.total, ("file", base))]
+        else:
+            pos, self.extents = 0, []
+            for job in self.jobs:
+                for src, nb, off in zip(job.sources, job.nbytes, job.offsets):
+                    if nb:
+                        self.extents.append((pos, nb, ("tensor", _flat_bytes(src))))
+                        segs.append((pos, nb, job, off))
+                        pos += nb
+            self.total = pos
+        segs.sort(key=lambda s: s[0])
+        self.segs = segs
+        for job in self.jobs:
+            job.remaining = sum(job.nbytes)
+        self.n_chunks = -(-self.total // pool.slot_bytes) if self.total else 0
+        n = self.n_chunks
+        self.read_done = [threading.Event() for _ in range(n)]
+        self.issued = [threading.Event() for _ in range(n)]
+        self.hashed = [threading.Event() for _ in range(n)]
+        self.copy_events: list = [None] * n
+        self.read_marks: list = [None] * n
+        self.abort = False
+        self.digest = hashlib.sha256() if self.verify else None
+        self.h2d_marks: list = []
+        # jobs of zero bytes (empty token ranges) complete without data
+        self._empty_jobs = [j for j in self.jobs if j.remaining == 0]
+        self.n_readers = max(1, min(self.n_readers, pool.n_slots, n))
+        for r in range(self.n_readers):
+            self.spawn(self._reader, r)
+        self.spawn(self._issuer)
+        if self.verify:
+            self.spawn(self._hasher)
+
+    def spawn(self, fn, *args) -> None:
+        def run():
+            try:
+                with torch.inference_mode():
+                    if self.cuda:
+                        with torch.cuda.device(self.device):
+                            fn(*args)
+                    else:
+                        fn(*args)
+            except _Abort:
+                pass
+            except BaseException as exc:  # re-raised by join()
+                self.errors.append(exc)
+                self.abort = True
+
+        t = threading.Thread(target=run, name=f"krul-{fn.__name__.strip('_')}", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _wait(self, ev: threading.Event) -> None:
+        while not ev.wait(0.02):
+            if self.abort:
+                raise _Abort()
+
+    def _chunk(self, k: int) -> tuple[int, int]:
+        s = self.pool.slot_bytes
+        return k * s, min(self.total, (k + 1) * s)
+
+    def _reader(self, r: int) -> None:
+        pool = self.pool
+        fd = None
+        if self.opened is not None:
+            fd = os.open(self.opened.path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        try:
+            for k in range(r, self.n_chunks, self.n_readers):
+                slot = k % pool.n_slots
+                j = k - pool.n_slots
+                if j >= 0:  # the slot's previous chunk must be copied out (and hashed)
+                    self._wait(self.issued[j])
+                    if self.copy_events[j] is not None:
+                        self.copy_events[j].synchronize()
+                    if self.verify:
+                        self._wait(self.hashed[j])
+                lo, hi = self._chunk(k)
+                t = time.perf_counter()
+                self._fill(pool, slot, lo, hi, fd)
+                self.read_marks[k] = (t, time.perf_counter())
+                self.read_done[k].set()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _fill(self, pool: HostPool, slot: int, lo: int, hi: int, fd) -> None:
+        """Copy stream bytes [lo, hi) into the slot."""
+        for pos, nb, (kind, src) in self.extents:
+            a, b = max(lo, pos), min(hi, pos + nb)
+            if a >= b:
+                continue
+            if kind == "file":
+                view = memoryview(pool.arrays[slot])[a - lo:b - lo]
+                off = src + a - pos
+                while len(view):
+                    got = os.preadv(fd, [view], off)
+                    if got <= 0:
+                        raise StoreError(f"{self.opened.path}: file ends early at byte {off}")
+                    view, off = view[got:], off + got
+            else:
+                pool.slots[slot][a - lo:b - lo].copy_(src[a - pos:b - pos])
+
+    def _hasher(self) -> None:
+        pool = self.pool
+        for k in range(self.n_chunks):
+            self._wait(self.read_done[k])
+            lo, hi = self._chunk(k)
+            t = time.perf_counter()
+            self.digest.update(memoryview(pool.arrays[k % pool.n_slots])[:hi - lo])
+            self.hash_s += time.perf_counter() - t
+            self.hashed[k].set()
+
+    def _issuer(self) -> None:
+        pool = self.pool
+        seg_i = 0
+        segs = self.segs
+        for job in self._empty_jobs:
+            job.staging = torch.empty(job.total, dtype=torch.uint8, device=self.device)
+            with self._stream_ctx(self.copy_stream):
+                ev = self.clock.mark(self.copy_stream) if self.cuda else None
+            self._finish_job(job, ev)
+        for k in range(self.n_chunks):
+            self._wait(self.read_done[k])
+            lo, hi = self._chunk(k)
+            slot = pool.slots[k % pool.n_slots]
+            done_jobs = []
+            with self._stream_ctx(self.copy_stream):
+                a = self.clock.mark(self.copy_stream) if self.clock.detailed else None
+                while seg_i < len(segs) and segs[seg_i][0] < hi:
+                    pos, nb, job, off = segs[seg_i]
+                    s, e = max(lo, pos), min(hi, pos + nb)
+                    if s < e:
+                        if job.staging is None:
+                            job.staging = torch.empty(job.total, dtype=torch.uint8, device=self.device)
+                        d = off + (s - pos)
+                        job.staging[d:d + (e - s)].copy_(slot[s - lo:e - lo], non_blocking=True)
+                        job.remaining -= e - s
+                        if job.remaining == 0:
+                            done_jobs.append(job)
+                    if pos + nb <= hi:
+                        seg_i += 1
+                    else:
+                        break  # the segment continues in the next chunk
+                ev = None
+                if self.cuda:
+                    ev = torch.cuda.Event(enable_timing=self.clock.detailed)
+                    ev.record(self.copy_stream)
+                self.copy_events[k] = ev
+                if a is not None:
+                    self.h2d_marks.append((k, a, ev if ev is not None else self.clock.mark()))
+            self.issued[k].set()
+            for job in done_jobs:
+                self._finish_job(job, ev)
+
+    # -- end -----------------------------------------------------------------------------------
+    def join(self) -> None:
+        """Wait for the host threads (not the device streams); re-raise their first error."""
+        for t in self.threads:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
+        if self.mode == "pool":
+            self.read_s = sum(b - a for a, b in (m for m in self.read_marks if m is not None))
+            if self.clock.detailed:
+                for k, m in enumerate(self.read_marks):
+                    if m is not None:
+                        self.clock.add("read", self._chunk_layer(k), m[0], m[1])
+                for k, a, b in self.h2d_marks:
+                    self.clock.add("h2d", self._chunk_layer(k), a, b)
+            if self.verify and self.digest.hexdigest() != self.opened.body_sha256:
+                raise StoreError(f"{self.opened.path}: checksum mismatch, the stored KV is corrupted; "
+                                 "delete it and recompute the conversation")
+            if any(j.staging is not None for j in self.jobs) or any(j.remaining for j in self.jobs):
+                raise StoreError("restore: some stored items were not fully read; the state file "
+                                 "does not match its header")
+
+    def _chunk_layer(self, k: int) -> int:
+        lo, hi = self._chunk(k)
+        for pos, nb, job, _ in self.segs:
+            if pos + nb > lo and pos < hi:
+                return min(job.item.layers)
+        return -1
+
+
+class _null_ctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# =============================================================================================
+# Restore
+# =============================================================================================
 @dataclass
 class RestoreReport:
     """Timings of one restore (seconds) and what moved."""
 
     restore_s: float = 0.0
-    recompute_s: float = 0.0
-    load_s: float = 0.0
-    fetch_s: float = 0.0  # reading the state from its tier (disk read, deserialise) before loading
+    recompute_s: float = 0.0  # the recompute stream's busy span
+    load_s: float = 0.0  # from the restore's start until the last loaded layer is placed
+    fetch_s: float = 0.0  # opening a disk state (headers, token ids)
+    read_s: float = 0.0  # host time in file reads / staging memcpy (summed over reader threads)
+    hash_s: float = 0.0  # host time verifying the disk body's sha256 (overlapped)
     loaded_bytes: int = 0
     recomputed_tokens: int = 0  # sum over layers of L_l
     n_tokens: int = 0
+    mode: str = ""  # "cuda-streams/direct", "cuda-streams/pool", "cpu-thread/...", "serial/..."
+    join: str = "end"  # "end": the device finished when restore_into returned; "layer": see there
     predicted: dict = field(default_factory=dict)
-    events: list = field(default_factory=list)  # (stream, layer_idx, start_s, end_s) relative
+    events: list = field(default_factory=list)  # (stream, layer_idx, start_ms, end_ms) from the start
+    _finalize: object = field(default=None, repr=False)
+
+    def finalize(self) -> "RestoreReport":
+        """Resolve the device timings (join="layer": call after the device has synchronized)."""
+        if self._finalize is not None:
+            fn, self._finalize = self._finalize, None
+            fn(self)
+        return self
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "events"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("events", "_finalize")}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+_FINGERPRINTS: "weakref.WeakKeyDictionary[ModelAdapter, dict]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(adapter: ModelAdapter) -> dict:
+    """The adapter's fingerprint, computed once (hashing a tokenizer's vocabulary takes ~50 ms)."""
+    if adapter not in _FINGERPRINTS:
+        _FINGERPRINTS[adapter] = adapter.fingerprint()
+    return _FINGERPRINTS[adapter]
+
+
+def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str | Path, cache: BufferCache,
+                 overlap: bool = True, timeline: bool = False, verify: bool = True,
+                 pool: HostPool | None = None, n_readers: int | None = None,
+                 lookahead: int = 2, recompute: bool = True, join: str = "end") -> RestoreReport:
+    """Restore a stored history into `cache` (its layers then hold `n_tokens` tokens).
+
+    Parameters
+    ----------
+    source : a `StoredState` in CPU memory (pinned or pageable), or a state file (`DiskSource` or
+        its path) that is opened and streamed here (header, token ids and body reads are timed).
+    cache : a `BufferCache` of the adapter's geometry with capacity >= n_tokens (+ new input).
+    overlap : run recompute and loads concurrently (False: load everything, then recompute).
+    timeline : record per-layer events (`report.events`); otherwise only the stream spans.
+    verify : check a disk body's sha256 while streaming it (raises `StoreError` on mismatch).
+    lookahead : pinned CUDA loads: items enqueued ahead of each recomputed layer.
+    recompute : False times the loads alone (profiling): recomputed regions are left unwritten.
+    join : "end" joins every stream and synchronizes before returning. "layer" (CUDA) returns once
+        everything is enqueued, leaving per-layer ready events in the cache: each layer's first
+        `update` (the new input's forward) makes its stream wait for that layer only, so the new
+        input's layer l can run while deeper layers are still being restored. The report's times are
+        then resolved by `report.finalize()` after the caller synchronizes; `restore_s` is the
+        device time until the last layer was ready.
+
+    The caller synchronizes the device before calling if it wants `restore_s` to start now; the
+    function returns after the device finished (every stream joined and synchronized).
+    """
+    device = adapter.device
+    if join not in ("end", "layer"):
+        raise ValueError(f"join must be 'end' or 'layer', not {join!r}")
+    cache.join()  # a previous per-layer restore into these buffers must be complete first
+    clock = _Clock(device, timeline)
+    t_start = clock.t0
+    opened = None
+    if isinstance(source, (str, Path)):
+        source = DiskSource(source)
+    if isinstance(source, DiskSource):
+        opened = source.open()
+        state = opened.state
+    else:
+        state = source
+    fetch_s = time.perf_counter() - t_start
+    check_fingerprint(state, _fingerprint(adapter))
+    state.check_coverage()
+    n, lengths = state.n_tokens, tuple(int(x) for x in state.recompute_lengths)
+    if len(cache.layers) != adapter.n_layers or cache.capacity < n:
+        raise ValueError(f"cache has {len(cache.layers)} layers of capacity {cache.capacity}; the state "
+                         f"needs {adapter.n_layers} layers of >= {n} tokens")
+    report = RestoreReport(n_tokens=n, recomputed_tokens=sum(lengths), fetch_s=fetch_s,
+                           predicted=dict(state.meta.get("predicted", {})))
+    loader = _Loader(state, cache, device, clock, opened, verify, pool, n_readers)
+    report.loaded_bytes = loader.loaded_bytes
+    needs_recompute = bool(recompute and lengths and lengths[0] > 0)
+    cuda = device.type == "cuda"
+    rec_marks: list = []
+
+    rec_ready: dict[int, object] = {}
+    layer_join = cuda and join == "layer"
+
+    def on_layer(layer_idx: int, what: str) -> None:
+        if timeline or (layer_join and what == "end"):
+            m = clock.mark(rec_stream if cuda else None)
+            if what == "start":
+                rec_marks.append([layer_idx, m, None])
+            else:
+                if rec_marks:
+                    rec_marks[-1][2] = m
+                rec_ready[layer_idx] = m
+        if what == "start" and cuda and loader.mode == "direct" and loader.pending:
+            # keep the copy stream fed: enqueue this layer's share of the remaining items
+            layers_left = max(1, sum(1 for x in lengths[layer_idx:] if x > 0))
+            loader.issue_direct(max(lookahead, math.ceil(loader.pending / layers_left)))
+
+    def run_recompute() -> None:
+        if needs_recompute:
+            ids = state.token_ids[None].to(device)
+            recompute_into(adapter, ids, lengths, cache, on_layer)
+
+    rec_stream = None
+    try:
+        if cuda:
+            copy_s, place_s, rec_stream = _cuda_streams(device)
+            main = torch.cuda.current_stream(device)
+            for s in (copy_s, place_s, rec_stream):
+                s.wait_stream(main)  # the buffers may still be read by earlier work on the main stream
+            if loader.mode == "pool":
+                loader.start_pool()
+            elif overlap and needs_recompute:
+                loader.issue_direct(lookahead)  # the rest is enqueued between recomputed layers
+            else:
+                loader.issue_direct()
+            if not overlap:
+                loader.join()
+                torch.cuda.synchronize(device)
+            with torch.cuda.stream(rec_stream):
+                rec0 = clock.mark(rec_stream)
+                run_recompute()
+                rec1 = clock.mark(rec_stream)
+            if loader.mode == "direct":
+                loader.issue_direct()  # whatever the recompute loop did not enqueue
+            loader.join()
+            if layer_join:
+                for layer_idx, layer in enumerate(cache.layers):
+                    layer.pending = [ev for ev in (rec_ready.get(layer_idx), loader.layer_ready.get(layer_idx))
+                                     if ev is not None]
+            else:
+                for s in (copy_s, place_s, rec_stream):
+                    main.wait_stream(s)
+                torch.cuda.synchronize(device)
+            report.mode = ("cuda-streams/" if overlap else "serial/") + loader.mode
+        elif overlap and needs_recompute and loader.jobs:
+            if loader.mode == "pool":
+                loader.start_pool()
+            else:
+                loader.spawn(loader.issue_direct)
+            rec0 = clock.mark()
+            run_recompute()
+            rec1 = clock.mark()
+            loader.join()
+            report.mode = "cpu-thread/" + loader.mode
+        else:
+            if loader.mode == "pool":
+                loader.start_pool()
+            else:
+                loader.issue_direct()
+            loader.join()
+            rec0 = clock.mark()
+            run_recompute()
+            rec1 = clock.mark()
+            report.mode = "serial/" + loader.mode
+    except BaseException:
+        loader.abort = True  # stop the loader threads before the error propagates
+        for t in loader.threads:
+            t.join()
+        raise
+    cache.set_length(n)
+    report.restore_s = time.perf_counter() - t_start
+    report.join = "layer" if layer_join else "end"
+
+    def finalize(rep: RestoreReport) -> None:
+        if needs_recompute:
+            rep.recompute_s = (clock.ms(rec1) - clock.ms(rec0)) / 1e3
+        if loader.jobs and loader.last is not None:
+            rep.load_s = max(0.0, clock.ms(loader.last)) / 1e3
+        if layer_join:  # device time until the last layer was ready
+            rep.restore_s = max([rep.load_s] + ([clock.ms(rec1) / 1e3] if needs_recompute else []))
+        rep.read_s, rep.hash_s = loader.read_s, loader.hash_s
+        if timeline:
+            for layer_idx, a, b in rec_marks:
+                clock.add("recompute", layer_idx, a, b)
+            rep.events = clock.resolve()
+
+    report._finalize = finalize
+    if not layer_join:
+        report.finalize()
+    return report
+
+
+def restore(adapter: ModelAdapter, state: StoredState | DiskSource, overlap: bool = True
+            ) -> tuple[list[KV], RestoreReport]:
+    """Restore every layer's KV of the state's history on the adapter's device.
+
+    Returns
+    -------
+    layers : per layer (keys, values), each (1, kv_heads, n_tokens, head_dim), model dtype:
+        the whole buffers of a fresh `BufferCache` of capacity n_tokens (contiguous).
+    report : per-stream measured times (`recompute_s`, `load_s`) and the total `restore_s`.
+    """
+    if isinstance(state, DiskSource):
+        n = state.open().state.n_tokens
+    else:
+        n = state.n_tokens
+    cache = BufferCache.for_adapter(adapter, n)
+    if adapter.device.type == "cuda":
+        torch.cuda.synchronize(adapter.device)
+    report = restore_into(adapter, state, cache, overlap=overlap)
+    return cache.kv(), report
 
 
 def load_layers(state: StoredState, device: torch.device, record=None) -> list[KV | None]:
-    """Copy each layer's stored tokens [L_l:N] to `device`, expanding compressed pairs.
+    """Reference loader (tests, tools): each layer's stored tokens [L_l:N] on `device`, expanded.
 
     Returns per layer (keys, values) of shape (1, kv_heads, N - L_l, head_dim), None if L_l = N.
     """
@@ -56,8 +1083,7 @@ def load_layers(state: StoredState, device: torch.device, record=None) -> list[K
     for item in sorted(state.items, key=lambda it: (min(it.layers), it.start)):
         t0 = time.perf_counter()
         payload = item.payload.to(device, non_blocking=non_blocking)
-        expanded = payload.expand()
-        for layer_idx, (k, v) in zip(item.layers, expanded):
+        for layer_idx, (k, v) in zip(item.layers, payload.expand()):
             parts[layer_idx].append((item.start, k, v))
         if record is not None:
             record(min(item.layers), t0)
@@ -69,6 +1095,8 @@ def load_layers(state: StoredState, device: torch.device, record=None) -> list[K
             continue
         ks, vs = [], []
         for start, k, v in sorted(parts[layer_idx], key=lambda p: p[0]):
+            if start + k.shape[2] <= begin:
+                continue
             skip = max(0, begin - start)
             ks.append(k[:, :, skip:])
             vs.append(v[:, :, skip:])
@@ -78,91 +1106,3 @@ def load_layers(state: StoredState, device: torch.device, record=None) -> list[K
             raise StoreError(f"layer {layer_idx}: stored {keys.shape[2]} tokens, expected {n - begin}")
         out.append((keys, values))
     return out
-
-
-def restore(adapter: ModelAdapter, state: StoredState, overlap: bool = True) -> tuple[list[KV], RestoreReport]:
-    """Restore every layer's KV of the state's history on the adapter's device.
-
-    Returns
-    -------
-    layers : per layer (keys, values), each (1, kv_heads, n_tokens, head_dim), model dtype.
-    report : per-stream measured times (`recompute_s`, `load_s`) and the total `restore_s`.
-    """
-    check_fingerprint(state, adapter.fingerprint())
-    device = adapter.device
-    report = RestoreReport(n_tokens=state.n_tokens, recomputed_tokens=int(sum(state.recompute_lengths)),
-                           predicted=dict(state.meta.get("predicted", {})))
-    lengths = state.recompute_lengths
-    ids = state.token_ids[None]
-    needs_load = any(l < state.n_tokens for l in lengths)
-    needs_recompute = lengths[0] > 0
-    _sync(device)
-    t0 = time.perf_counter()
-    loaded: list[KV | None] = [None] * state.n_layers
-    recomputed: list[KV | None] = [None] * state.n_layers
-
-    if device.type == "cuda" and overlap:
-        load_stream = torch.cuda.Stream(device)
-        main = torch.cuda.current_stream(device)
-        load_stream.wait_stream(main)
-        ev = {name: torch.cuda.Event(enable_timing=True) for name in ("l0", "l1", "r0", "r1")}
-        with torch.cuda.stream(load_stream):
-            ev["l0"].record()
-            if needs_load:
-                loaded = load_layers(state, device)
-            ev["l1"].record()
-        ev["r0"].record()
-        if needs_recompute:
-            recomputed = adapter.recompute_prefix(ids, lengths)
-        ev["r1"].record()
-        main.wait_stream(load_stream)
-        torch.cuda.synchronize(device)
-        report.load_s = ev["l0"].elapsed_time(ev["l1"]) / 1e3
-        report.recompute_s = ev["r0"].elapsed_time(ev["r1"]) / 1e3
-    elif overlap and needs_load and needs_recompute:
-        box: dict = {}
-
-        def work():
-            t = time.perf_counter()
-            try:
-                box["layers"] = load_layers(state, device)
-            except BaseException as exc:  # re-raised in the caller
-                box["error"] = exc
-            box["s"] = time.perf_counter() - t
-
-        worker = threading.Thread(target=work, name="krul-load")
-        worker.start()
-        t = time.perf_counter()
-        recomputed = adapter.recompute_prefix(ids, lengths)
-        report.recompute_s = time.perf_counter() - t
-        worker.join()
-        if "error" in box:
-            raise box["error"]
-        loaded, report.load_s = box["layers"], box["s"]
-    else:
-        if needs_load:
-            t = time.perf_counter()
-            loaded = load_layers(state, device)
-            _sync(device)
-            report.load_s = time.perf_counter() - t
-        if needs_recompute:
-            t = time.perf_counter()
-            recomputed = adapter.recompute_prefix(ids, lengths)
-            _sync(device)
-            report.recompute_s = time.perf_counter() - t
-
-    layers: list[KV] = []
-    for layer_idx in range(state.n_layers):
-        rec, lod = recomputed[layer_idx], loaded[layer_idx]
-        if rec is None:
-            layers.append(lod)
-        elif lod is None:
-            layers.append(rec)
-        else:
-            layers.append((torch.cat([rec[0], lod[0]], dim=2), torch.cat([rec[1], lod[1]], dim=2)))
-        if layers[-1] is None:
-            raise StoreError(f"layer {layer_idx}: neither recomputed nor stored")
-    _sync(device)
-    report.restore_s = time.perf_counter() - t0
-    report.loaded_bytes = state.kv_bytes() if needs_load else 0
-    return layers, report

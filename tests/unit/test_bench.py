@@ -1,0 +1,157 @@
+"""TTFT benchmark: rows, resume, plans mapped by depth, byte accounting (CPU, tiny random models)."""
+import json
+
+import pytest
+import torch
+
+from krul import bench, profile
+from krul.store import build_state
+
+REQUIRED = bench.COLUMNS[:bench.COLUMNS.index("repeats") + 1]
+
+
+def _cfg(tmp_path, **kw):
+    cfg = dict(shapes=["tiny-llama"], lengths=[24], tiers=["pageable", "disk"], new_tokens=4, repeats=1,
+               warmup=1, device="cpu", out=str(tmp_path / "ttft.csv"), rates_grid=[8, 24],
+               load_profile_bytes=1 << 20, bandwidth_bytes=8 << 20, log=lambda msg: None)
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rates_one_thread():
+    """Rates measured per test; tiny models run single-threaded (shared CI cores spin otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    profile.clear_cache()
+    yield
+    profile.clear_cache()
+    torch.set_num_threads(threads)
+
+
+def test_smoke_rows_have_all_columns_and_resume(tmp_path):
+    """A tiny run yields one row per policy and tier with every column, and a rerun skips them all."""
+    rows = bench.run_ttft(_cfg(tmp_path))
+    assert len(rows) == 2 * len(bench.DEFAULT_POLICIES)
+    assert {r["policy"] for r in rows} == set(bench.DEFAULT_POLICIES)
+    for row in rows:
+        assert set(bench.COLUMNS) <= set(row), set(bench.COLUMNS) - set(row)
+        assert all(row[c] not in (None, "") for c in REQUIRED)
+        assert row["ttft_s_min"] <= row["ttft_s"] <= row["ttft_s_max"]
+        assert row["bound_s"] > 0 and row["restore_over_bound"] > 0
+        assert "random 4-layer" in row["note"]
+    exact = [r for r in rows if r["policy"] in ("full-load", "full-recompute", "cake", "krul")]
+    assert all(r["kv_max_abs_err"] < 1e-5 for r in exact)
+    on_disk = bench.read_rows(tmp_path / "ttft.csv")
+    assert len(on_disk) == len(rows) and set(on_disk[0]) == set(bench.COLUMNS)
+    env = json.loads((tmp_path / "ttft.env.json").read_text())
+    assert env["runs"][0]["torch"] == torch.__version__ and env["runs"][0]["rates"]
+    lines = (tmp_path / "ttft.timeline.jsonl").read_text().splitlines()
+    assert len(lines) == len(rows) and json.loads(lines[0])["columns"][0] == "stream"
+    assert bench.run_ttft(_cfg(tmp_path)) == []  # resumed: nothing left to run
+    assert len(json.loads((tmp_path / "ttft.env.json").read_text())["runs"]) == 2
+
+
+def test_without_plan_krul_is_uncompressed_and_says_so(tmp_path):
+    """No plan file: krul's compression ratio is 1 and plan_source says none."""
+    rows = bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], policies=["krul", "minicache"]))
+    krul = [r for r in rows if r["policy"] == "krul"]
+    assert len(krul) == 1 and krul[0]["compression_ratio"] == 1.0
+    assert krul[0]["plan_source"].startswith("none")
+    assert [r for r in rows if r["policy"] == "minicache"][0]["compression_ratio"] > 1.0
+
+
+def test_plan_file_compresses_krul_and_minicache_matches_it(tmp_path):
+    """A plan measured on a 30-layer model is mapped onto the 4-layer shape; minicache takes as many pairs."""
+    plan_file = tmp_path / "plans.json"
+    plan_file.write_text(json.dumps({"model": "smollm2-135m", "n_layers": 30, "plans": [
+        {"conversation_id": "a", "pairs": [[20, 29]]},
+        {"conversation_id": "b", "pairs": [[3, 4], [20, 29]]},
+        {"conversation_id": "c", "pairs": [[10, 11]]}]}))
+    rows = bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], plan_file=str(plan_file),
+                               policies=["krul", "krul-fixed-split", "minicache"]))
+    krul = {r["plan_source"][:4]: r for r in rows if r["policy"] == "krul"}
+    assert set(krul) == {"plan", "none"}
+    assert krul["plan"]["compression_ratio"] > 1.0 and "mapped 30->4" in krul["plan"]["plan_source"]
+    assert krul["none"]["compression_ratio"] == 1.0
+    mini = [r for r in rows if r["policy"] == "minicache"][0]
+    assert "1 pairs = krul's plan count" in mini["plan_source"]
+
+
+def test_map_pairs_by_relative_depth():
+    """Mapped pairs stay disjoint, in range, as many as before; same depth maps to itself."""
+    pairs = ((0, 1), (10, 11), (20, 29), (27, 28))
+    for n_dst in (8, 16, 24, 32):
+        mapped = bench.map_pairs(pairs, 30, n_dst)
+        flat = [l for p in mapped for l in p]
+        assert len(mapped) == len(pairs) and len(set(flat)) == len(flat)
+        assert all(0 <= a < b < n_dst for a, b in mapped)
+    assert bench.map_pairs(pairs, 30, 30) == tuple(sorted(pairs))
+    assert bench.map_pairs(((20, 29),), 30, 32) == ((21, 31),)
+    assert len(bench.map_pairs(pairs, 30, 4)) == 2  # no more pairs than the layers allow
+
+
+def test_plan_file_layouts_and_median_choice(tmp_path):
+    """Lists, {"plans": ...} and {model: plans} layouts load; the median-size plan is chosen."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"smollm2-135m": [{"pairs": [[1, 2]], "id": "x"},
+                                                 {"pairs": [[1, 2], [3, 4], [5, 6]], "id": "y"},
+                                                 {"pairs": [[1, 2], [3, 4]], "id": "z"}],
+                                "qwen2.5-coder-0.5b": {"plans": [{"pairs": [[0, 23]], "id": "q"}]}}))
+    plans = bench.load_plan_file(path)
+    assert {p.plan_id for p in plans} == {"x", "y", "z", "q"}
+    assert {p.n_layers for p in plans} == {30, 24}
+    chosen, why = bench.choose_plan(plans, "llama")
+    assert chosen.plan_id == "z" and "3 plans" in why
+    assert bench.choose_plan(plans, "qwen2")[0].plan_id == "q"
+    path.write_text(json.dumps([{"pairs": [[0, 1]]}]))
+    with pytest.raises(bench.BenchError, match="n_layers"):
+        bench.load_plan_file(path)
+
+
+def test_stored_bytes_per_token_matches_a_full_state():
+    """The bound's bytes per token equals what a fully stored state of that plan holds."""
+    adapter, _ = bench.build_adapter("tiny-llama", torch.device("cpu"))
+    n = 200
+    kv = [(torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)) for _ in range(4)]
+    from krul.selector import CompressionPlan
+
+    for method in ("merge", "share"):
+        plan = CompressionPlan(((2, 3),), (), method, 4)
+        retain = 0.05 if method == "merge" else 0.0
+        state = build_state(adapter.fingerprint(), torch.arange(n), kv, [0] * 4, None, pairs=plan.pairs,
+                            method=method, compress_kwargs={"retain_ratio": retain} if retain else {})
+        assert bench.stored_bytes_per_token(adapter, plan, retain) == pytest.approx(state.kv_bytes() / n)
+    assert bench.stored_bytes_per_token(adapter, None, 0.0) == 4 * adapter.layer_kv_bytes_per_token()
+
+
+def test_cli_runs_and_prints_json_last(tmp_path, capsys):
+    """`python -m krul.bench ttft ...` runs a tiny sweep and ends with one JSON line."""
+    code = bench.main(["ttft", "--shapes", "tiny-qwen2", "--lengths", "16", "--tiers", "disk",
+                       "--policies", "full-load,krul", "--new-tokens", "4", "--repeats", "1",
+                       "--warmup", "1", "--device", "cpu", "--rates-grid", "8,16", "--no-timeline",
+                       "--bandwidth-mib", "8",
+                       "--out", str(tmp_path / "o.csv")])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["rows"] == 2
+    assert bench.main(["ttft", "--policies", "h2o", "--device", "cpu"]) == 2
+
+
+def test_prefill_paths_are_separate_rows(tmp_path):
+    """Each requested new-input path gets its own rows (and its own resume key)."""
+    rows = bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], policies=["full-load"],
+                               prefill=["graph", "eager"]))
+    assert sorted(r["prefill_path"] for r in rows) == ["eager", "graph"]
+    assert all(r["prefill_mode"] == "eager (no CUDA)" for r in rows)
+    assert bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], policies=["full-load"], prefill="eager")) == []
+
+
+def test_cpu_profile_swaps_timing_shapes_and_drops_pinned():
+    """Without CUDA the 7B shapes become smollm2-135m and the pinned tier is dropped, with notes."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    cfg = bench.resolve_config({"profile": "full", "device": "auto", "shapes": ["llama-7b"],
+                                "tiers": ["pinned", "disk"]})
+    assert cfg["shapes"] == ["smollm2-135m"] and cfg["tiers"] == ["disk"]
+    assert any("no CUDA" in n for n in cfg["notes"])

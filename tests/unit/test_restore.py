@@ -1,0 +1,218 @@
+"""Restore executor: exactness against a plain forward, every source, the cache it fills (CPU, tiny models)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+
+from krul.adapter import ModelAdapter
+from krul.restore import (BufferCache, DiskSource, HostPool, load_layers, recompute_into, restore,
+                          restore_into)
+from krul.store import DiskStore, MemoryStore, StoreError, build_state
+
+N = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run single-threaded (shared CI cores spin otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _adapter(kind="llama", layers=4, seed=0):
+    cls = LlamaConfig if kind == "llama" else Qwen2Config
+    cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    return ModelAdapter(model, name=f"tiny-{kind}-{layers}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(adapter, ids (1, N), reference per-layer KV of a plain forward over ids)."""
+    adapter = _adapter()
+    ids = torch.randint(0, 128, (1, N), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = DynamicCache()
+        adapter.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return adapter, ids, [(k.clone(), v.clone()) for k, v in adapter.kv_from_cache(cache)]
+
+
+LENGTHS = {"all-load": [0, 0, 0, 0], "all-recompute": [N] * 4, "pyramid": [30, 21, 9, 0],
+           "uneven": [N, 25, 25, 3]}
+
+
+def _max_err(layers, ref, n=N):
+    return max(float((a[:, :, :n] - b).abs().max()) for (k, v), (rk, rv) in zip(layers, ref)
+               for a, b in ((k, rk), (v, rv)))
+
+
+@pytest.mark.parametrize("name", list(LENGTHS))
+def test_restore_equals_plain_forward(tiny, name):
+    """restore() of a state with lengths all 0 / all N / a pyramid gives the plain forward's KV (1e-5)."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, LENGTHS[name], None)
+    layers, report = restore(adapter, state)
+    assert all(k.shape == ref[0][0].shape for k, _ in layers)
+    assert _max_err(layers, ref) < 1e-5
+    assert report.n_tokens == N and report.recomputed_tokens == sum(LENGTHS[name])
+
+
+def test_full_load_is_bit_identical(tiny):
+    """A full-load restore reproduces the stored KV bit for bit (the engine's losslessness)."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, [0] * 4, None)
+    layers, report = restore(adapter, state)
+    assert all(torch.equal(k, rk) and torch.equal(v, rv) for (k, v), (rk, rv) in zip(layers, ref))
+    assert report.loaded_bytes == state.kv_bytes()
+
+
+def test_all_recompute_is_bit_identical_to_forward(tiny):
+    """Recomputing every token layer by layer gives exactly the forward's KV."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, [N] * 4, None)
+    layers, _ = restore(adapter, state)
+    assert all(torch.equal(k, rk) and torch.equal(v, rv) for (k, v), (rk, rv) in zip(layers, ref))
+
+
+@pytest.mark.parametrize("tier", ["pageable", "disk"])
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("name", ["pyramid", "uneven"])
+def test_restore_into_buffers_from_every_source(tiny, tmp_path, tier, overlap, name):
+    """restore_into a larger BufferCache from memory or a state file writes every history token."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, LENGTHS[name], None)
+    if tier == "disk":
+        store = DiskStore(tmp_path)
+        store.put("c", state)
+        source = DiskSource(store.path("c"))
+    else:
+        store = MemoryStore()
+        store.put("c", state)
+        source = store.get("c")
+    cache = BufferCache.for_adapter(adapter, N + 7).fill_(float("nan"))
+    report = restore_into(adapter, source, cache, overlap=overlap)
+    assert cache.get_seq_length() == N and all(layer.length == N for layer in cache.layers)
+    assert _max_err(cache.kv(), ref) < 1e-5
+    assert report.mode.split("/")[1] == ("pool" if tier == "disk" else "direct")
+    assert report.restore_s > 0
+
+
+def test_pool_pipeline_with_items_spanning_chunks(tiny, tmp_path):
+    """Streaming a state file through 2 tiny slots (items cut across many chunks) is still exact."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, [12, 6, 0, 0], None)
+    store = DiskStore(tmp_path)
+    store.put("c", state)
+    cache = BufferCache.for_adapter(adapter, N).fill_(float("nan"))
+    report = restore_into(adapter, DiskSource(store.path("c")), cache, pool=HostPool(2, 4096, pin=False),
+                          n_readers=2, timeline=True)
+    assert _max_err(cache.kv(), ref) < 1e-5
+    assert report.hash_s >= 0 and report.read_s > 0
+    assert {e[0] for e in report.events} >= {"read", "h2d", "place", "recompute"}
+
+
+def test_compressed_pairs_restore_like_reference_loader(tiny, tmp_path):
+    """Merged and shared pairs expand into the buffers exactly as `load_layers` expands them."""
+    adapter, ids, ref = tiny
+    for method, kwargs in (("merge", {"retain_ratio": 0.1}), ("share", {})):
+        state = build_state(adapter.fingerprint(), ids[0], ref, [20, 10, 5, 0], None, pairs=[(1, 3)],
+                            method=method, compress_kwargs=kwargs)
+        expected = load_layers(state, torch.device("cpu"))
+        store = DiskStore(tmp_path)
+        store.put(method, state)
+        for source in (state, DiskSource(store.path(method))):
+            cache = BufferCache.for_adapter(adapter, N).fill_(float("nan"))
+            restore_into(adapter, source, cache)
+            for layer_idx, (k, v) in enumerate(cache.kv()):
+                begin = state.recompute_lengths[layer_idx]
+                assert torch.equal(k[:, :, begin:], expected[layer_idx][0])
+                assert torch.equal(v[:, :, begin:], expected[layer_idx][1])
+                if begin:
+                    assert float((k[:, :, :begin] - ref[layer_idx][0][:, :, :begin]).abs().max()) < 1e-5
+
+
+def test_disk_corruption_is_detected_while_streaming(tiny, tmp_path):
+    """A flipped byte in a state file's body is a StoreError, not wrong KV."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, [0] * 4, None)
+    store = DiskStore(tmp_path)
+    store.put("c", state)
+    path = store.path("c")
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(StoreError, match="checksum"):
+        restore_into(adapter, DiskSource(path), BufferCache.for_adapter(adapter, N))
+
+
+def test_restore_checks_model_and_capacity(tiny):
+    """A state of another model, or a cache too small, is refused with a message."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, [0] * 4, None)
+    with pytest.raises(ValueError, match="capacity"):
+        restore_into(adapter, state, BufferCache.for_adapter(adapter, N - 1))
+    other = build_state(dict(adapter.fingerprint(), model="other"), ids[0], ref, [0] * 4, None)
+    with pytest.raises(StoreError, match="another model"):
+        restore_into(adapter, other, BufferCache.for_adapter(adapter, N))
+
+
+def test_timeline_has_every_layer_of_both_streams(tiny):
+    """timeline=True records (stream, layer, start_ms, end_ms) for each recomputed and loaded layer."""
+    adapter, ids, ref = tiny
+    lengths = LENGTHS["pyramid"]
+    state = build_state(adapter.fingerprint(), ids[0], ref, lengths, None)
+    report = restore_into(adapter, state, BufferCache.for_adapter(adapter, N), timeline=True)
+    rec = {e[1] for e in report.events if e[0] == "recompute"}
+    load = {e[1] for e in report.events if e[0] == "load"}
+    assert rec == {l for l, n in enumerate(lengths) if n > 0}
+    assert load == {l for l, n in enumerate(lengths) if n < N}
+    assert all(isinstance(e[0], str) and 0 <= e[2] <= e[3] for e in report.events)
+    assert report.recompute_s > 0 and report.load_s > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_model_continues_from_buffer_cache(kind):
+    """Prefill of new tokens and decode over a restored BufferCache match one plain forward (1e-5)."""
+    adapter = _adapter(kind, layers=3, seed=2)
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = adapter.model(input_ids=ids).logits
+        cache = DynamicCache()
+        adapter.model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+        ref = adapter.kv_from_cache(cache)
+        state = build_state(adapter.fingerprint(), ids[0, :20], ref, [12, 8, 2], None)
+        buf = BufferCache.for_adapter(adapter, 30)
+        restore_into(adapter, state, buf)
+        logits = adapter.forward(ids[:, 20:28], buf)
+        assert buf.get_seq_length() == 28
+        step = adapter.forward(ids[:, 28:29], buf)
+        step2 = adapter.forward(ids[:, 29:30], buf)
+    assert float((logits - full[:, 20:28]).abs().max()) < 1e-4
+    assert float((step[:, -1] - full[:, 28]).abs().max()) < 1e-4
+    assert float((step2[:, -1] - full[:, 29]).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="holds 30 tokens"):
+        adapter.forward(ids[:, :1], buf)
+
+
+def test_buffer_cache_views_and_crop():
+    """BufferCache layers expose prefix views; assigning a prefix view (adapter.crop) sets the length."""
+    adapter = _adapter(layers=2)
+    buf = BufferCache.for_adapter(adapter, 10)
+    k = torch.randn(1, 2, 6, 16)
+    out_k, _ = buf.update(k, k + 1, 0)
+    assert torch.equal(out_k, k) and buf.layers[0].length == 6
+    ModelAdapter.crop(buf, 4)
+    assert buf.layers[0].length == 4 and torch.equal(buf.layers[0].keys, k[:, :, :4])
+    buf.update(k[:, :, :2], k[:, :, :2], 0)
+    assert torch.equal(buf.layers[0].keys[:, :, 4:6], k[:, :, :2])
+    assert buf.get_mask_sizes(3, 0)[0] == 9
+
+
+def test_recompute_into_rejects_growing_lengths(tiny):
+    """Recompute lengths must be non-increasing with depth (the pyramid's precondition)."""
+    adapter, ids, _ = tiny
+    with pytest.raises(ValueError, match="non-increasing"):
+        recompute_into(adapter, ids, [5, 6, 0, 0], BufferCache.for_adapter(adapter, N))
