@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 
 FIGURES := $(patsubst notebooks/%.ipynb,%,$(wildcard notebooks/fig*.ipynb))
 
-.PHONY: setup test test-fast reproduce figures lab clean-results $(FIGURES)
+.PHONY: setup test test-fast test-notebooks reproduce figures lab clean-results $(FIGURES)
 
 # --- setup: venv, packages, models, data; each step skipped when done ----------------------
 $(STAMPS)/venv: requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
@@ -22,6 +22,7 @@ $(STAMPS)/venv: requirements.txt requirements-nodeps.txt constraints.txt pyproje
 	$(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name krul --display-name "krul (.venv)" > /dev/null
 	@touch $@
 
 $(STAMPS)/models: $(STAMPS)/venv src/krul/models.py
@@ -40,6 +41,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
+
+test-notebooks: setup
+	$(PY) -m pytest -q -m notebooks tests/notebooks
 
 # --- figures --------------------------------------------------------------------------------
 RUN_NAME ?= $(DEVICE)-$(PROFILE)

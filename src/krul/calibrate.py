@@ -108,7 +108,7 @@ def curve_point(adapter, policy, conversations, records, base_rows, max_turns=3)
 
 
 def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_turns: int = 3,
-              taus=(0.0, 0.2, 0.4, 0.6), pair_counts=(1, 2, 4, 6, 8, 10), tolerance: float = 0.01,
+              taus=None, protect_fractions=(0.0, 0.2, 0.4, 0.6), pair_counts=(1, 2, 4, 6, 8, 10), tolerance: float = 0.01,
               progress: bool = True) -> dict:
     """Calibrate tau, the target ratio and the fixed plans on `dev`; write and return the record."""
     from tqdm.auto import tqdm
@@ -124,6 +124,11 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
     convs = pick_conversations("dev", n_conversations, max_tokens, tok, max_turns)
     records, base_rows = base_pass(adapter, convs, max_turns, progress)
     n_layers = adapter.n_layers
+    if taus is None:
+        # tau grid from the dev layers' own boundary mass: protect 0%, 20%, 40%, 60% of the layers
+        mean_boundary = torch.stack([recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)
+        taus = sorted({0.0} | {float(torch.quantile(mean_boundary, q)) + 1e-9
+                               for q in protect_fractions if q > 0})
     grid = []
     for tau in tqdm(taus, desc="tau", disable=not progress):
         for k in pair_counts:
@@ -146,6 +151,8 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         "n_pairs": best["n_pairs"] if best else 0,
         "krul_fix_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="ascending", tau=tau)],
         "kvsharer_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="descending")],
+        "mean_boundary_ratio": [float(x) for x in torch.stack(
+            [recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)],
         "grid": grid, "runtime_s": time.time() - t0, "provenance": _provenance(),
     }
     path = calibration_path(model)
@@ -175,7 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n-conversations", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=2000)
-    p.add_argument("--taus", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6])
+    p.add_argument("--taus", type=float, nargs="+", default=None,
+                   help="default: quantiles of the dev layers' boundary mass (protect 0-60%%)")
     p.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10])
     args = p.parse_args(argv)
     rec = calibrate(args.model, args.n_conversations, args.max_tokens, taus=args.taus,
