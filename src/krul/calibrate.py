@@ -129,21 +129,44 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         mean_boundary = torch.stack([recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)
         taus = sorted({0.0} | {float(torch.quantile(mean_boundary, q)) + 1e-9
                                for q in protect_fractions if q > 0})
+    # resumable: every grid point is appended to a partial file as soon as it is measured
+    partial = calibration_path(model).with_suffix(".partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            g = json.loads(line)
+            if g.get("conversations") == [c.id for c in convs]:
+                done[(round(g["tau"], 9), g["n_pairs"])] = g
     grid = []
     for tau in tqdm(taus, desc="tau", disable=not progress):
         for k in pair_counts:
+            if (round(tau, 9), k) in done:
+                grid.append(done[(round(tau, 9), k)])
+                continue
             ratio = n_layers / (n_layers - k)
             policy = get_policy("krul", recompute_ratio=0.0).with_params(
                 selector_params={"tau": tau, "target_ratio": ratio})
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
-            point.update(tau=tau, n_pairs=k, target_ratio=ratio)
+            point.update(tau=tau, n_pairs=k, target_ratio=ratio, conversations=[c.id for c in convs])
             grid.append(point)
+            with open(partial, "a") as f:
+                f.write(json.dumps(point) + "\n")
     ok = [g for g in grid if g["nll_ratio_hi"] <= 1 + tolerance]
     best = max(ok, key=lambda g: (g["compression_ratio"] or 0, -g["tau"])) if ok else None
     finals = [recs[-1] for recs in records.values()]
     inputs = [SelectionInput.from_stats(s, normalize=True) for s in finals]
     max_k = max(pair_counts)
     tau = best["tau"] if best else max(taus)
+    from krul.selector import KrulSelector
+
+    chosen = KrulSelector(tau=tau, target_ratio=best["target_ratio"] if best else 1.0)
+    plans = []
+    for conv_id, recs in records.items():  # krul's per-conversation plans at the calibrated point
+        plan = chosen.select(SelectionInput.from_stats(recs[-1]))
+        plans.append({"model": model, "n_layers": n_layers, "conversation_id": conv_id,
+                      "pairs": [list(p) for p in plan.pairs], "sensitive": list(plan.sensitive),
+                      "method": plan.method})
     record = {
         "model": model, "split": "dev", "conversations": [c.id for c in convs], "max_turns": max_turns,
         "tolerance": tolerance, "tau": tau,
@@ -153,7 +176,7 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         "kvsharer_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="descending")],
         "mean_boundary_ratio": [float(x) for x in torch.stack(
             [recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)],
-        "grid": grid, "runtime_s": time.time() - t0, "provenance": _provenance(),
+        "plans": plans, "grid": grid, "runtime_s": time.time() - t0, "provenance": _provenance(),
     }
     path = calibration_path(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,12 +208,14 @@ def main(argv=None) -> int:
     p.add_argument("--taus", type=float, nargs="+", default=None,
                    help="default: quantiles of the dev layers' boundary mass (protect 0-60%%)")
     p.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10])
+    p.add_argument("--protect", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6],
+                   help="fractions of layers the tau grid protects (when --taus is not given)")
     args = p.parse_args(argv)
     rec = calibrate(args.model, args.n_conversations, args.max_tokens, taus=args.taus,
-                    pair_counts=args.pairs)
+                    protect_fractions=tuple(args.protect), pair_counts=tuple(args.pairs))
     print(json.dumps({k: v for k, v in rec.items() if k != "grid"}))
     for g in rec["grid"]:
-        print(json.dumps(g))
+        print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     return 0
 
 

@@ -93,7 +93,8 @@ class RestorePolicy:
                 raise PolicyError(f"policy {self.name!r} needs measured restore rates "
                                   "(profile them: krul.profile.measure_rates)")
             per_token = load_bytes_per_token(plan, n_layers, engine.adapter.layer_kv_bytes_per_token(),
-                                             self.compress_params.get("retain_ratio", 0.0))
+                                             self.compress_params.get("retain_ratio", 0.0),
+                                             engine.adapter.head_dim)
             s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope)
             t_rec, t_load = scheduler.predict(s, engine.rates, per_token)
             return s.lengths, {"recompute_s": t_rec, "load_s": t_load}
@@ -117,17 +118,20 @@ class RestorePolicy:
         return engine.store.put(conversation_id, state)
 
 
-def load_bytes_per_token(plan, n_layers: int, layer_bytes: float, retain_ratio: float = 0.0) -> list[float]:
+def load_bytes_per_token(plan, n_layers: int, layer_bytes: float, retain_ratio: float = 0.0,
+                         head_dim: int | None = None) -> list[float]:
     """Stored bytes per loaded token of each layer under a plan (a pair's bytes split over its two).
 
-    Merge stores one direction (a layer's bytes) plus per-layer norms (small) plus the retained
-    fraction exact for both layers; share stores one layer's bytes.
+    Merge stores one direction (a layer's bytes), per-layer K and V norms (2/head_dim of a layer's
+    bytes for the two layers) and the retained fraction exact for both layers; share stores one
+    layer's bytes.
     """
+    norms = 2.0 / head_dim if head_dim else 0.0
     per = [float(layer_bytes)] * n_layers
     if plan is None:
         return per
     for a, b in plan.pairs:
-        pair = layer_bytes * (1.0 + 2.0 * retain_ratio) if plan.method == "merge" else layer_bytes
+        pair = layer_bytes * (1.0 + norms + 2.0 * retain_ratio) if plan.method == "merge" else layer_bytes
         per[a] = per[b] = pair / 2
     return per
 
