@@ -44,7 +44,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from krul.adapter import KV, ModelAdapter
-from krul.store import (_MAGIC, StoredItem, StoredState, StoreError, _payload_from_tensors,
+from krul.store import (MAGIC, StoredItem, StoredState, StoreError, drop_page_cache, payload_from_tensors,
                         check_fingerprint)
 
 
@@ -328,18 +328,6 @@ class DiskSource:
         return open_state_file(self.path)
 
 
-def drop_page_cache(path: str | Path) -> None:
-    """fsync the file and ask the kernel to forget its cached pages (the next read hits the disk)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _pread_exact(fd: int, nbytes: int, offset: int) -> bytes:
     out = bytearray()
     while len(out) < nbytes:
@@ -359,13 +347,13 @@ def open_state_file(path: str | Path) -> OpenedFile:
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        head = _pread_exact(fd, len(_MAGIC) + 8, 0)
-        if not head.startswith(_MAGIC):
+        head = _pread_exact(fd, len(MAGIC) + 8, 0)
+        if not head.startswith(MAGIC):
             raise StoreError(f"{path}: not a krul state file (bad magic)")
-        n = int.from_bytes(head[len(_MAGIC):], "little")
+        n = int.from_bytes(head[len(MAGIC):], "little")
         try:
-            header = json.loads(_pread_exact(fd, n, len(_MAGIC) + 8))
-            body = len(_MAGIC) + 8 + n
+            header = json.loads(_pread_exact(fd, n, len(MAGIC) + 8))
+            body = len(MAGIC) + 8 + n
             st_n = int.from_bytes(_pread_exact(fd, 8, body), "little")
             st_header = json.loads(_pread_exact(fd, st_n, body + 8))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -535,7 +523,7 @@ def _make_jobs(state: StoredState) -> list[_Job]:
 def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
            lengths: Sequence[int]) -> None:
     """Expand a job's payload (on the current stream) and write each layer's loaded tokens."""
-    payload = _payload_from_tensors(job.method, tensors, job.extra)
+    payload = payload_from_tensors(job.method, tensors, job.extra)
     item = job.item
     for layer_idx, (k, v) in zip(item.layers, payload.expand()):
         begin = max(item.start, int(lengths[layer_idx]))

@@ -163,10 +163,10 @@ def check_fingerprint(state: StoredState, expected: dict) -> None:
 
 
 # -- serialisation (disk tier) -----------------------------------------------------------------
-_MAGIC = b"KRULSTATE1\n"
+MAGIC = b"KRULSTATE1\n"
 
 
-def _payload_from_tensors(method: str, tensors: dict, meta: dict):
+def payload_from_tensors(method: str, tensors: dict, meta: dict):
     if method == "exact":
         return ExactLayer.from_tensors(tensors, meta)
     from krul.compression import CompressedPair
@@ -191,21 +191,21 @@ def serialize(state: StoredState) -> bytes:
     header = json.dumps({"fingerprint": state.fingerprint, "recompute_lengths": list(state.recompute_lengths),
                          "items": items_meta, "meta": state.meta,
                          "body_sha256": hashlib.sha256(body).hexdigest()}).encode()
-    return _MAGIC + len(header).to_bytes(8, "little") + header + body
+    return MAGIC + len(header).to_bytes(8, "little") + header + body
 
 
 def deserialize(blob: bytes, source: str = "state") -> StoredState:
     """Inverse of `serialize`; any damage raises `StoreError` (never silently wrong KV)."""
     from safetensors.torch import load
 
-    if not blob.startswith(_MAGIC):
+    if not blob.startswith(MAGIC):
         raise StoreError(f"{source}: not a krul state file (bad magic)")
     try:
-        n = int.from_bytes(blob[len(_MAGIC):len(_MAGIC) + 8], "little")
-        header = json.loads(blob[len(_MAGIC) + 8:len(_MAGIC) + 8 + n])
+        n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
+        header = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + n])
     except (ValueError, UnicodeDecodeError) as exc:
         raise StoreError(f"{source}: corrupted header ({exc})") from exc
-    body = blob[len(_MAGIC) + 8 + n:]
+    body = blob[len(MAGIC) + 8 + n:]
     if hashlib.sha256(body).hexdigest() != header.get("body_sha256"):
         raise StoreError(f"{source}: checksum mismatch, the stored KV is corrupted; delete it and "
                          "recompute the conversation")
@@ -213,14 +213,14 @@ def deserialize(blob: bytes, source: str = "state") -> StoredState:
     items = []
     for i, meta in enumerate(header["items"]):
         named = {key: tensors[f"{i}.{key}"] for key in meta["keys"]}
-        payload = _payload_from_tensors(meta["method"], named, meta["meta"])
+        payload = payload_from_tensors(meta["method"], named, meta["meta"])
         items.append(StoredItem(tuple(meta["layers"]), meta["start"], meta["end"], payload))
     return StoredState(header["fingerprint"], tensors["token_ids"].to(torch.int64),
                        tuple(header["recompute_lengths"]), items, header.get("meta", {}))
 
 
-def _drop_page_cache(path: Path) -> None:
-    """Ask the kernel to forget the file's cached pages, so the next read hits the disk."""
+def drop_page_cache(path: str | Path) -> None:
+    """fsync the file and ask the kernel to forget its cached pages (the next read hits the disk)."""
     if hasattr(os, "posix_fadvise"):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -305,7 +305,7 @@ class DiskStore(KVStore):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         if self.drop_page_cache:
-            _drop_page_cache(path)
+            drop_page_cache(path)
         return state.nbytes()
 
     def get(self, key: str) -> StoredState:
@@ -313,7 +313,7 @@ class DiskStore(KVStore):
         if not path.exists():
             raise StoreError(f"no stored state for conversation {key!r}: {path} does not exist")
         if self.drop_page_cache:
-            _drop_page_cache(path)
+            drop_page_cache(path)
         return deserialize(path.read_bytes(), str(path))
 
     def delete(self, key: str) -> None:
