@@ -10,7 +10,8 @@ bootstrap interval), plus the single best fixed plans for `krul-fix` (similar fi
 `kvsharer` (dissimilar first). The result is written to `experiments/calibration/<model>.json`
 and read by `policies.get_policy(..., model=...)`.
 
-Usage: `python -m krul.calibrate --model smollm2-135m [--n-conversations 8]`.
+Usage: `python -m krul.calibrate --model smollm2-135m [--n-conversations 8]`; the curves on test:
+`python -m krul.calibrate curves --model smollm2-135m --split test --n-conversations 30`.
 """
 from __future__ import annotations
 
@@ -184,6 +185,140 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
     return record
 
 
+CURVE_POLICIES = ("krul", "minicache", "kvsharer", "krul-fix")
+
+
+def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float):
+    """Policy `name` compressing `k` layer pairs at recompute ratio 0.
+
+    krul: per-conversation greedy pairs at threshold `tau`; minicache: the k deepest adjacent pairs;
+    krul-fix / kvsharer: the first k of the fixed plans calibrated on dev (`cal`)."""
+    from krul.policies import get_policy
+
+    policy = get_policy(name, recompute_ratio=0.0)
+    params = dict(policy.selector_params)
+    ratio = n_layers / (n_layers - k)
+    if policy.selector == "krul":
+        params.update(tau=tau, target_ratio=ratio)
+    elif policy.selector == "minicache":
+        params.update(target_ratio=ratio)
+    elif name in ("krul-fix", "kvsharer"):
+        key = "krul_fix_pairs" if name == "krul-fix" else "kvsharer_pairs"
+        fixed = [tuple(p) for p in cal[key]]
+        if len(fixed) < k:
+            raise ValueError(f"the dev calibration holds {len(fixed)} {name} pairs, fewer than {k}; "
+                             f"re-run python -m krul.calibrate with --pairs up to {k}")
+        params.update(pairs=tuple(fixed[:k]))
+    else:
+        raise ValueError(f"no curve for policy {name!r}; known: {', '.join(CURVE_POLICIES)}")
+    return policy.with_params(selector_params=params)
+
+
+def kv_angle_summary(adapter, conversations, max_turns: int = 3) -> dict:
+    """How far apart the layers' KV are on these conversations (`compression.layer_angles`)."""
+    from krul.compression import layer_angles
+
+    mats = []
+    for conv in conversations:
+        users = conv.user_turn_indices()
+        end = users[max_turns] if len(users) > max_turns else len(conv.messages)
+        ids = adapter.tokenizer.apply_chat_template(conv.messages[:end], tokenize=True,
+                                                    return_dict=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = adapter.model(ids.to(adapter.device), use_cache=True)
+        mats.append(layer_angles(adapter.kv_from_cache(out.past_key_values)))
+    mean = torch.stack(mats).mean(0)
+    n = mean.shape[0]
+    off = mean[~torch.eye(n, dtype=torch.bool)]
+    adjacent = [float(mean[i, i + 1]) for i in range(n - 1)]
+    return {"n_conversations": len(conversations), "mean_rad": float(off.mean()), "min_rad": float(off.min()),
+            "adjacent_rad": adjacent, "min_adjacent_rad": min(adjacent)}
+
+
+def curves(model: str, split: str = "test", n_conversations: int = 30, max_tokens: int = 2000,
+           max_turns: int = 3, policies=CURVE_POLICIES, pair_counts=(1, 2, 4), tau: float | None = None,
+           calibration: str | Path | None = None, progress: bool = True) -> dict:
+    """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
+
+    The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
+    calibration record; conversations from `split`. Resumable: every point is appended to
+    `experiments/calibration/<model>.curves-<split>.partial.jsonl` as soon as it is measured, and
+    the record is written to `<model>.curves-<split>.json`.
+    """
+    from tqdm.auto import tqdm
+
+    from krul import models
+    from krul.adapter import ModelAdapter
+
+    cal_path = Path(calibration) if calibration else calibration_path(model)
+    if not cal_path.exists():
+        raise FileNotFoundError(f"no dev calibration at {cal_path}: run python -m krul.calibrate "
+                                f"--model {model} first, or pass --calibration FILE")
+    cal = json.loads(cal_path.read_text())
+    if cal.get("split") != "dev":
+        raise ValueError(f"{cal_path} was not calibrated on dev (split={cal.get('split')!r})")
+    tau = float(cal["tau"]) if tau is None else float(tau)
+    t0 = time.time()
+    model_obj, tok = models.load_model(model)
+    adapter = ModelAdapter(model_obj, tok, model)
+    convs = pick_conversations(split, n_conversations, max_tokens, tok, max_turns)
+    ids = [c.id for c in convs]
+    out = calibration_path(model).parent
+    stem = f"{model}.curves-{split}"
+    partial = out / f"{stem}.partial.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            g = json.loads(line)
+            if g.get("conversations") == ids and g.get("tau") == tau and g.get("calibration") == cal_path.name:
+                done[(g["policy"], g["n_pairs"])] = g
+    todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
+    points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
+    if todo:
+        records, base_rows = base_pass(adapter, convs, max_turns, progress)
+        for name, k in tqdm(todo, desc="curve points", disable=not progress):
+            policy = curve_policy(name, k, adapter.n_layers, cal, tau)
+            point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
+            point.update(n_pairs=k, tau=tau, calibration=cal_path.name, conversations=ids)
+            points.append(point)
+            with open(partial, "a") as f:
+                f.write(json.dumps(point) + "\n")
+    angles = kv_angle_summary(adapter, convs[:5], max_turns)
+    record = {"model": model, "split": split, "conversations": ids, "max_tokens": max_tokens,
+              "max_turns": max_turns, "tau": tau, "calibration": cal_path.name,
+              "pair_counts": list(pair_counts), "points": points, "kv_angles": angles,
+              "runtime_s": time.time() - t0, "provenance": _provenance()}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    plot_curves(record, out / f"{stem}.png")
+    return record
+
+
+def plot_curves(record: dict, path: Path) -> None:
+    """nll ratio (paired 95% CI) against measured compression ratio, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name in dict.fromkeys(p["policy"] for p in record["points"]):
+        pts = sorted((p for p in record["points"] if p["policy"] == name), key=lambda p: p["n_pairs"])
+        x = [p["compression_ratio"] for p in pts]
+        y = [p["nll_ratio"] for p in pts]
+        err = [[p["nll_ratio"] - p["nll_ratio_lo"] for p in pts], [p["nll_ratio_hi"] - p["nll_ratio"] for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    ax.axhline(1.01, color="grey", ls="--", lw=1, label="full KV + 1%")
+    ax.set_xlabel("compression ratio of loaded KV (measured)")
+    ax.set_ylabel("reply nll / full-KV nll")
+    ax.set_title(f"{record['model']}, {record['split']}: {len(record['conversations'])} conversations, "
+                 f"recompute 0", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def _provenance() -> dict:
     import platform
     import subprocess
@@ -200,7 +335,33 @@ def _provenance() -> dict:
             "device": "cpu", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def main_curves(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m krul.calibrate curves",
+                                description="nll vs compression curves on a split, from a dev calibration")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("--n-conversations", type=int, default=30)
+    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--policies", nargs="+", default=list(CURVE_POLICIES), choices=list(CURVE_POLICIES))
+    p.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--tau", type=float, default=None, help="krul's threshold (default: the calibration's)")
+    p.add_argument("--calibration", default=None,
+                   help="dev calibration JSON (default experiments/calibration/<model>.json)")
+    args = p.parse_args(argv)
+    rec = curves(args.model, args.split, args.n_conversations, args.max_tokens, policies=args.policies,
+                 pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration)
+    for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
+        print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
+    print(json.dumps({"kv_angles": rec["kv_angles"]}))
+    return 0
+
+
 def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "curves":
+        return main_curves(argv[1:])
     p = argparse.ArgumentParser(prog="python -m krul.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n-conversations", type=int, default=8)

@@ -291,6 +291,35 @@ def compress_pair(method: str, kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, 
     raise ValueError(f"unknown compression method '{method}'; known: {', '.join(METHODS)}")
 
 
+def layer_angles(kvs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Mean angle between every two layers' KV vectors: what a merge has to bridge.
+
+    For layers i, j: the angle between their K vectors of the same token and head, averaged over
+    batch, heads and tokens, and likewise for V; the result is the mean of the two. A merged pair
+    reconstructs each layer with relative error 2 sin(omega / 4) at t = 0.5 (see `merge_pair`), so a
+    mean angle near pi/2 (orthogonal KV) means about 0.77 relative error on non-retained tokens.
+
+    Parameters
+    ----------
+    kvs : per layer (keys, values), each (batch, kv_heads, tokens, head_dim), same shapes
+
+    Returns
+    -------
+    (n_layers, n_layers) float64 tensor in radians, symmetric, zero diagonal.
+    """
+    if not kvs:
+        raise ValueError("layer_angles needs at least one layer's KV")
+    n = len(kvs)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for which in (0, 1):
+        units = [_unit(kv[which].detach().to(torch.float64))[0] for kv in kvs]
+        for i in range(n):
+            for j in range(i + 1, n):
+                cos = (units[i] * units[j]).sum(-1).clamp(-1.0, 1.0)
+                out[i, j] += 0.5 * float(torch.arccos(cos).mean())
+    return out + out.T
+
+
 def full_nbytes(kv: tuple[Tensor, Tensor]) -> int:
     """Bytes of one layer's uncompressed K and V."""
     return sum(x.numel() * x.element_size() for x in kv)

@@ -187,3 +187,20 @@ def test_invalid_arguments():
         compress_pair("quantize", kv_a, kv_b, 0, 1)
     with pytest.raises(ValueError, match="shapes differ"):
         merge_pair(kv_a, (kv_b[0][:, :, :10], kv_b[1][:, :, :10]), 0, 1)
+
+
+def test_layer_angles_identical_orthogonal_and_symmetric():
+    from krul.compression import layer_angles
+
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 5, 4)
+    v = torch.randn(1, 2, 5, 4)
+    # layer 2: same directions as layer 0 scaled (angle 0); layer 1: orthogonal to layer 0
+    k_orth = torch.stack([-k[..., 1], k[..., 0], -k[..., 3], k[..., 2]], dim=-1)
+    v_orth = torch.stack([-v[..., 1], v[..., 0], -v[..., 3], v[..., 2]], dim=-1)
+    ang = layer_angles([(k, v), (k_orth, v_orth), (3 * k, 2 * v)])
+    assert ang.shape == (3, 3)
+    assert torch.allclose(ang, ang.T)
+    assert torch.allclose(ang.diagonal(), torch.zeros(3, dtype=torch.float64))
+    assert abs(ang[0, 2]) < 1e-6
+    assert abs(ang[0, 1] - torch.pi / 2) < 1e-6

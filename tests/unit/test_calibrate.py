@@ -1,0 +1,30 @@
+"""The curve policies compress exactly the pairs the curve point names, at recompute ratio 0."""
+import pytest
+
+from krul.calibrate import CURVE_POLICIES, curve_policy
+
+CAL = {"split": "dev", "tau": 0.0, "krul_fix_pairs": [[6, 7], [4, 5], [3, 8]],
+       "kvsharer_pairs": [[11, 24], [10, 25], [1, 18]]}
+
+
+@pytest.mark.parametrize("name", CURVE_POLICIES)
+def test_curve_policy_loads_everything_and_targets_k_pairs(name):
+    policy = curve_policy(name, 2, 30, CAL, tau=0.25)
+    assert policy.name == name
+    assert policy.split in ("load", "fixed") and policy.recompute_ratio == 0.0
+    params = policy.selector_params
+    if name == "krul":
+        assert params["tau"] == 0.25 and params["target_ratio"] == pytest.approx(30 / 28)
+    elif name == "minicache":
+        assert params["target_ratio"] == pytest.approx(30 / 28)
+    elif name == "krul-fix":
+        assert params["pairs"] == ((6, 7), (4, 5)) and params["method"] == "merge"
+    else:
+        assert params["pairs"] == ((11, 24), (10, 25)) and params["method"] == "share"
+
+
+def test_curve_policy_refuses_more_pairs_than_calibrated():
+    with pytest.raises(ValueError, match="fewer than 4"):
+        curve_policy("krul-fix", 4, 30, CAL, tau=0.0)
+    with pytest.raises(ValueError, match="no curve"):
+        curve_policy("full-load", 1, 30, CAL, tau=0.0)
