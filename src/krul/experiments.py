@@ -1162,8 +1162,33 @@ def run_notebook(slug: str, profile: str = "default", device: str = "auto", out:
     pm.execute_notebook(str(nb), str(out_dir / f"{slug}.ipynb"), kernel_name=KERNEL_NAME,
                         parameters={"profile": profile, "device": device, "out_dir": str(out_dir), "seed": seed},
                         cwd=str(paths.REPO_ROOT), progress_bar=False, log_output=log_output)
-    print(f"{slug}: executed in {time.perf_counter() - t0:.1f} s -> {out_dir}")
+    wall = time.perf_counter() - t0
+    env_path = out_dir / "env.json"
+    if env_path.exists():  # the notebook wrote it; add the papermill wall time (kernel start included)
+        env = json.loads(env_path.read_text())
+        env["notebook_wall_s"] = round(wall, 1)
+        env_path.write_text(json.dumps(env, indent=1, default=str) + "\n")
+    print(f"{slug}: executed in {wall:.1f} s -> {out_dir}")
     return out_dir
+
+
+def summary_rows() -> list[dict]:
+    """One row per committed reference run: its verdict (metric, value, holds?) and wall time."""
+    rows = []
+    for slug in slugs():
+        for name, csv in reference_runs(slug).items():
+            env_path = csv.parent / "env.json"
+            env = json.loads(env_path.read_text()) if env_path.exists() else {}
+            v = env.get("verdict") or {}
+            rows.append({"slug": slug, "run": name, "metric": v.get("metric"), "value": v.get("value"),
+                         "op": v.get("op"), "threshold": v.get("threshold"), "verdict": v.get("verdict"),
+                         "notebook_wall_s": env.get("notebook_wall_s"), "git_sha": env.get("git_sha")})
+    return rows
+
+
+def format_value(x) -> str:
+    """How REPRODUCE.md quotes a verdict value (3 decimals); 'not measured' for a missing one."""
+    return "not measured" if x is None or not _finite(x) else f"{float(x):.3f}"
 
 
 def redraw(slug: str) -> Path | None:
@@ -1200,6 +1225,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("slugs", nargs="*")
     d.add_argument("--all", action="store_true")
     sub.add_parser("list", help="the figures")
+    sub.add_parser("summary", help="verdicts and wall times of the committed reference runs")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -1209,6 +1235,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "redraw":
             for slug in (slugs() if args.all or not args.slugs else args.slugs):
                 redraw(slug)
+        elif args.cmd == "summary":
+            print("| figure | run | metric | ours | predicate | holds? | notebook wall (s) | git sha |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for r in summary_rows():
+                print(f"| {r['slug']} | {r['run']} | {r['metric']} | {format_value(r['value'])} | "
+                      f"{r['op']} {r['threshold']} | {r['verdict']} | {r['notebook_wall_s'] or '-'} | "
+                      f"{(r['git_sha'] or '-')[:10]} |")
         else:
             print("\n".join(slugs()))
     except ExperimentError as e:
