@@ -1181,7 +1181,8 @@ def summary_rows() -> list[dict]:
             env = json.loads(env_path.read_text()) if env_path.exists() else {}
             v = env.get("verdict") or {}
             rows.append({"slug": slug, "run": name, "metric": v.get("metric"), "value": v.get("value"),
-                         "op": v.get("op"), "threshold": v.get("threshold"), "verdict": v.get("verdict"),
+                         "op": v.get("op"), "threshold": v.get("threshold"), "tolerance": v.get("tolerance"),
+                         "verdict": v.get("verdict"),
                          "notebook_wall_s": env.get("notebook_wall_s"), "git_sha": env.get("git_sha")})
     return rows
 
@@ -1240,7 +1241,7 @@ def main(argv: list[str] | None = None) -> int:
             print("| --- | --- | --- | --- | --- | --- | --- | --- |")
             for r in summary_rows():
                 print(f"| {r['slug']} | {r['run']} | {r['metric']} | {format_value(r['value'])} | "
-                      f"{r['op']} {r['threshold']} | {r['verdict']} | {r['notebook_wall_s'] or '-'} | "
+                      f"{r['op']} {r['threshold']} +- {r['tolerance']} | {r['verdict']} | {r['notebook_wall_s'] or '-'} | "
                       f"{(r['git_sha'] or '-')[:10]} |")
         else:
             print("\n".join(slugs()))
