@@ -82,7 +82,8 @@ def plot_fig2_ttft(df: pd.DataFrame):
                     row="metric", kind="line", marker="o", facet_kws={"sharey": False}, height=3, aspect=1.2,
                     errorbar=("pi", 100))
     g.set(yscale="log")
-    g.figure.suptitle(title, y=1.02)
+    g.set_titles("{row_name}\n{col_name}", size=9)
+    g.figure.suptitle(title, y=1.04)
     return g.figure
 
 

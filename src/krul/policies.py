@@ -51,6 +51,7 @@ class RestorePolicy:
     compress_params: dict = field(default_factory=dict)
     needs_estimator: bool = False
     head_reduce: str = "mean"  # how per-head distances combine (the paper is silent): mean of per-head
+    min_gain: float = 0.0  # scheduler: overlap only if predicted >= this fraction faster than one stream
 
     def with_params(self, **changes) -> "RestorePolicy":
         """A copy with fields changed (e.g. `recompute_ratio`, `selector_params`)."""
@@ -95,7 +96,8 @@ class RestorePolicy:
             per_token = load_bytes_per_token(plan, n_layers, engine.adapter.layer_kv_bytes_per_token(),
                                              self.compress_params.get("retain_ratio", 0.0),
                                              engine.adapter.head_dim)
-            s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope)
+            s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope,
+                                       min_gain=self.min_gain)
             t_rec, t_load = scheduler.predict(s, engine.rates, per_token)
             return s.lengths, {"recompute_s": t_rec, "load_s": t_load}
         raise PolicyError(f"policy {self.name!r}: unknown split {self.split!r}")
@@ -137,33 +139,34 @@ def load_bytes_per_token(plan, n_layers: int, layer_bytes: float, retain_ratio: 
 
 
 _MERGE = {"retain_ratio": 0.05}
+_MIN_GAIN = 0.1  # see scheduler.choose_split: a split must promise >= 10% over a single stream
 POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
     RestorePolicy("full-recompute", "prefill the whole history again", split="recompute"),
     RestorePolicy("full-load", "CachedAttention (Gao et al., ATC'24)", split="load"),
     RestorePolicy("partial-recompute", "Pensieve-style fixed ratio (Yu et al., EuroSys'25)",
                   split="fixed", recompute_ratio=0.4, slope=0.0),
     RestorePolicy("cake", "Cake (Jin et al., ICML'25): front recompute meets back load",
-                  split="scheduler", slope=0.0),
+                  split="scheduler", slope=0.0, min_gain=_MIN_GAIN),
     RestorePolicy("minicache", "MiniCache (Liu et al., NeurIPS'24)", split="load",
                   selector="minicache", selector_params={"target_ratio": 1.5}, compress_params=_MERGE),
     RestorePolicy("kvsharer", "KVSharer (Yang et al., 2024): static dissimilar pairs, shared",
                   split="load", selector="fixed", selector_params={"pairs": (), "method": "share"}),
     RestorePolicy("krul-fix", "Krul (Wen et al., 2025) ablation: one plan calibrated on dev",
-                  split="scheduler", slope=1.0, selector="fixed",
+                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, selector="fixed",
                   selector_params={"pairs": (), "method": "merge"}, compress_params=_MERGE),
-    RestorePolicy("krul", "Krul (Wen et al., 2025)", split="scheduler", slope=1.0, selector="krul",
-                  selector_params={"tau": 0.3, "target_ratio": 1.5}, compress_params=_MERGE,
+    RestorePolicy("krul", "Krul (Wen et al., 2025)", split="scheduler", slope=1.0, min_gain=_MIN_GAIN,
+                  selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5}, compress_params=_MERGE,
                   needs_estimator=True),
     RestorePolicy("krul-no-preempt", "Krul ablation: no sensitive-layer protection", split="scheduler",
-                  slope=1.0, selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5,
-                                                               "preempt": False},
+                  slope=1.0, min_gain=_MIN_GAIN, selector="krul",
+                  selector_params={"tau": 0.3, "target_ratio": 1.5, "preempt": False},
                   compress_params=_MERGE, needs_estimator=True),
     RestorePolicy("krul-fixed-split", "Krul ablation: fixed recompute ratio instead of the scheduler",
                   split="fixed", recompute_ratio=0.4, slope=1.0, selector="krul",
                   selector_params={"tau": 0.3, "target_ratio": 1.5}, compress_params=_MERGE,
                   needs_estimator=True),
     RestorePolicy("krul-share", "Krul ablation: share instead of merge", split="scheduler", slope=1.0,
-                  selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5, "method": "share"},
+                  min_gain=_MIN_GAIN, selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5, "method": "share"},
                   needs_estimator=True),
 ]}
 

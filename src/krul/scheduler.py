@@ -231,7 +231,7 @@ def predict(split: RestoreSplit, rates: RestoreRates,
 
 def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates,
                  load_bytes_per_token: Sequence[float] | float, slope: float = 1.0,
-                 n_grid: int = 201) -> RestoreSplit:
+                 n_grid: int = 201, min_gain: float = 0.0) -> RestoreSplit:
     """Krul's bubble-free split (Eq. 1): the pyramid whose recompute and load times are closest.
 
     Minimises max(T_recompute, T_load) over the recompute ratio r. First over the grid
@@ -249,6 +249,12 @@ def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates,
     load_bytes_per_token : (L,) stored bytes per loaded token per layer (or a scalar)
     slope : pyramid slope (0 = flat split)
     n_grid : grid points over r in [0, 1], >= 2
+    min_gain : float in [0, 1)
+        Overlap only when it pays: if the best split's predicted time is not at least this fraction
+        below the better single-stream restore (load everything, r = 0, or recompute everything,
+        r = 1), that single-stream restore is returned. 0 (default) is the plain argmin. The linear
+        model leaves out what running two streams costs (thread start and join, and on a CPU the
+        two streams sharing cores), so a predicted gain of a few percent is not a real one.
 
     Returns
     -------
@@ -256,6 +262,8 @@ def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates,
     """
     if n_grid < 2:
         raise ValueError(f"n_grid must be >= 2; got {n_grid}")
+    if not 0.0 <= min_gain < 1.0:
+        raise ValueError(f"min_gain must be in [0, 1); got {min_gain}")
     b = _load_bytes_array(load_bytes_per_token, n_layers)
     total_max = n_tokens * n_layers
     cache: dict[float, tuple[float, float, float, tuple[int, ...], float, float]] = {}
@@ -285,6 +293,9 @@ def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates,
                 cand = evaluate(total / total_max)
                 if (cand[0], cand[1]) < (best[0], best[1]):
                     best = cand
+    single = min(grid[0], grid[-1], key=lambda e: (e[0], e[1]))
+    if best[0] > (1.0 - min_gain) * single[0]:
+        best = single
     _, _, _, lengths, t_rec, t_load = best
     return RestoreSplit(lengths, n_tokens, t_rec, t_load)
 

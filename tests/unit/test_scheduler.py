@@ -188,3 +188,19 @@ def test_rates_and_split_round_trip_and_validation():
         RestoreSplit((6, 2), 5)
     with pytest.raises(ValueError, match="one entry per layer"):
         predict(split, rates, [1.0, 2.0])
+
+
+def test_min_gain_keeps_a_single_stream_when_overlap_promises_little():
+    """Loading is 50x faster than recompute: the balanced split saves ~2%, so min_gain 0.1 loads all;
+    with equal speeds the split halves the time and is kept."""
+    fast_load = RestoreRates(recompute_s_per_token=1e-4, load_bytes_per_s=2048 * 50 / 1e-4)
+    plain = choose_split(1000, L, fast_load, FULL, slope=1.0)
+    assert plain.recompute_ratio > 0  # the argmin does overlap a little
+    kept = choose_split(1000, L, fast_load, FULL, slope=1.0, min_gain=0.1)
+    assert kept.recompute_ratio == 0 and kept.t_recompute_s == 0
+    rates, b = SETTINGS["linear-balanced"]
+    balanced = choose_split(4000, L, rates, b, slope=1.0, min_gain=0.1)
+    assert balanced.lengths == choose_split(4000, L, rates, b, slope=1.0).lengths
+    assert 0 < balanced.recompute_ratio < 1
+    with pytest.raises(ValueError, match="min_gain"):
+        choose_split(10, L, rates, b, min_gain=1.0)
