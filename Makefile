@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 
 FIGURES := $(patsubst notebooks/%.ipynb,%,$(wildcard notebooks/fig*.ipynb))
 
-.PHONY: setup test test-fast test-notebooks reproduce figures lab clean-results $(FIGURES)
+.PHONY: setup test test-fast test-notebooks reproduce figures lab clean-results calibrate curves $(FIGURES)
 
 # --- setup: venv, packages, models, data; each step skipped when done ----------------------
 $(STAMPS)/venv: requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
@@ -60,6 +60,16 @@ reproduce: setup $(FIGURES)
 
 figures: setup
 	$(PY) -m krul.experiments redraw --all
+
+# --- dev calibration and test curves (slow on a CPU: ~100 s per curve point on smollm2) ----------
+MODEL ?= smollm2-135m
+CAL_ARGS ?= --n-conversations 6 --pairs 1 2 4 --protect 0
+CURVE_ARGS ?= --n-conversations 30 --pairs 1 2 4
+calibrate: setup
+	$(PY) -m krul.calibrate --model $(MODEL) $(CAL_ARGS)
+
+curves: setup
+	$(PY) -m krul.calibrate curves --model $(MODEL) --split test $(CURVE_ARGS)
 
 lab: setup
 	.venv/bin/jupyter lab notebooks/
