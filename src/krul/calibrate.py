@@ -356,12 +356,36 @@ def main_curves(argv) -> int:
     return 0
 
 
+def curve_table(record: dict, tolerance: float = 0.01) -> str:
+    """Markdown table of a curves record: one row per pair count, one column per policy."""
+    names = list(dict.fromkeys(p["policy"] for p in record["points"]))
+    by = {(p["policy"], p["n_pairs"]): p for p in record["points"]}
+    lines = ["| pairs | " + " | ".join(f"{n}: compression, nll ratio [95% CI]" for n in names) + " |",
+             "| --- |" + " --- |" * len(names)]
+    for k in sorted({p["n_pairs"] for p in record["points"]}):
+        cells = []
+        for n in names:
+            p = by.get((n, k))
+            if p is None:
+                cells.append("-")
+                continue
+            ok = " (within 1%)" if p["nll_ratio_hi"] <= 1 + tolerance else ""
+            cells.append(f"{p['compression_ratio']:.3f}x, {p['nll_ratio']:.3f} "
+                         f"[{p['nll_ratio_lo']:.3f}, {p['nll_ratio_hi']:.3f}]{ok}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "curves":
         return main_curves(argv[1:])
+    if argv and argv[0] == "table":
+        for path in argv[1:]:
+            print(curve_table(json.loads(Path(path).read_text())))
+        return 0
     p = argparse.ArgumentParser(prog="python -m krul.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n-conversations", type=int, default=8)

@@ -28,3 +28,17 @@ def test_curve_policy_refuses_more_pairs_than_calibrated():
         curve_policy("krul-fix", 4, 30, CAL, tau=0.0)
     with pytest.raises(ValueError, match="no curve"):
         curve_policy("full-load", 1, 30, CAL, tau=0.0)
+
+
+def test_curve_table_marks_points_within_tolerance():
+    from krul.calibrate import curve_table
+
+    rec = {"points": [
+        {"policy": "krul", "n_pairs": 1, "compression_ratio": 1.03, "nll_ratio": 1.004, "nll_ratio_lo": 1.0,
+         "nll_ratio_hi": 1.009},
+        {"policy": "minicache", "n_pairs": 1, "compression_ratio": 1.03, "nll_ratio": 1.05,
+         "nll_ratio_lo": 1.02, "nll_ratio_hi": 1.08}]}
+    table = curve_table(rec).splitlines()
+    assert len(table) == 3
+    assert "1.030x, 1.004 [1.000, 1.009] (within 1%)" in table[2]
+    assert "1.050 [1.020, 1.080] |" in table[2]
