@@ -237,13 +237,15 @@ def kv_angle_summary(adapter, conversations, max_turns: int = 3) -> dict:
 
 def curves(model: str, split: str = "test", n_conversations: int = 30, max_tokens: int = 2000,
            max_turns: int = 3, policies=CURVE_POLICIES, pair_counts=(1, 2, 4), tau: float | None = None,
-           calibration: str | Path | None = None, progress: bool = True) -> dict:
+           calibration: str | Path | None = None, progress: bool = True,
+           out_dir: str | Path | None = None) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
     calibration record; conversations from `split`. Resumable: every point is appended to
     `experiments/calibration/<model>.curves-<split>.partial.jsonl` as soon as it is measured, and
-    the record is written to `<model>.curves-<split>.json`.
+    the record is written to `<model>.curves-<split>.json` (and its plot to `.png`), all in
+    `out_dir` (default: beside the calibrations).
     """
     from tqdm.auto import tqdm
 
@@ -263,7 +265,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     adapter = ModelAdapter(model_obj, tok, model)
     convs = pick_conversations(split, n_conversations, max_tokens, tok, max_turns)
     ids = [c.id for c in convs]
-    out = calibration_path(model).parent
+    out = Path(out_dir) if out_dir else calibration_path(model).parent
     stem = f"{model}.curves-{split}"
     partial = out / f"{stem}.partial.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +273,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     if partial.exists():
         for line in partial.read_text().splitlines():
             g = json.loads(line)
-            if g.get("conversations") == ids and g.get("tau") == tau and g.get("calibration") == cal_path.name:
+            if g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns and g.get("tau") == tau and g.get("calibration") == cal_path.name:
                 done[(g["policy"], g["n_pairs"])] = g
     todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
     points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
@@ -280,7 +282,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
             policy = curve_policy(name, k, adapter.n_layers, cal, tau)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
-            point.update(n_pairs=k, tau=tau, calibration=cal_path.name, conversations=ids)
+            point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids)
             points.append(point)
             with open(partial, "a") as f:
                 f.write(json.dumps(point) + "\n")
