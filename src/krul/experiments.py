@@ -385,11 +385,12 @@ def get_rates(adapter, tier: str):
     return _RATES[key]
 
 
-def make_policy(name: str, overrides: dict | None = None):
-    """A registry policy with `overrides` applied (e.g. `{"selector_params": {"tau": 0.2}}`)."""
+def make_policy(name: str, overrides: dict | None = None, model: str | None = None):
+    """A registry policy, with `model`'s dev calibration (`experiments/calibration/<model>.json`,
+    when one exists) and then `overrides` applied (e.g. `{"selector_params": {"tau": 0.2}}`)."""
     from krul.policies import get_policy
 
-    policy = get_policy(name)
+    policy = get_policy(name, model=model)
     if overrides:
         changes = {}
         for k, v in overrides.items():
@@ -406,7 +407,7 @@ def make_engine(adapter, policy, tier: str = "pageable", max_new_tokens: int = 3
     from krul.store import make_store
 
     if isinstance(policy, str):
-        policy = make_policy(policy)
+        policy = make_policy(policy, model=adapter.name)
     estimator = None
     if policy.needs_estimator:
         try:
@@ -668,8 +669,8 @@ def _quality(cfg: dict, datasets: list[dict], cache_name: str) -> pd.DataFrame:
             rows_by_policy = {}
             for policy_name in _policy_list(cfg):
                 try:
-                    engine = make_engine(adapter, make_policy(policy_name, cfg.get("policy_overrides", {}).get(policy_name)),
-                                         tier=cfg.get("tier", "pageable"),
+                    policy = make_policy(policy_name, cfg.get("policy_overrides", {}).get(policy_name), model)
+                    engine = make_engine(adapter, policy, tier=cfg.get("tier", "pageable"),
                                          max_new_tokens=cfg.get("max_new_tokens", 32), seed=cfg["seed"],
                                          history=history)
                 except MissingComponent as e:
@@ -722,7 +723,7 @@ def calibrate_fix_pairs(cfg: dict):
 
     model = cfg["models"][0]
     adapter = get_adapter(model, cfg["device"])
-    krul = make_policy("krul")
+    krul = make_policy("krul", model=model)
     cal = cfg.get("calibration", {})
     stats = _estimator_stats(adapter, select_conversations("sharegpt", "dev", n=cal.get("n", 2),
                                                           max_turns=cal.get("max_turns", 2),
@@ -792,8 +793,8 @@ def _estimator_stats(adapter, convs, max_turns: int, cfg: dict, cache_name: str)
         key = f"{adapter.name}|{conv.id}|{max_turns}"
         if key not in cache:
             if engine is None:
-                engine = make_engine(adapter, make_policy("krul-fixed-split", cfg.get("policy_overrides", {}).get("krul")),
-                                     tier="pageable", max_new_tokens=cfg.get("max_new_tokens", 16),
+                policy = make_policy("krul-fixed-split", cfg.get("policy_overrides", {}).get("krul"), adapter.name)
+                engine = make_engine(adapter, policy, tier="pageable", max_new_tokens=cfg.get("max_new_tokens", 16),
                                      seed=cfg["seed"])
             n_tokens = 0
             for r in engine.replay(conv, max_turns=max_turns):
