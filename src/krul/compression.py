@@ -217,7 +217,8 @@ def _slerp(u_a: Tensor, u_b: Tensor, t: float) -> tuple[Tensor, Tensor]:
 
 
 def merge_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: int, layer_b: int,
-               retain_ratio: float = 0.05, t: float = 0.5) -> CompressedPair:
+               retain_ratio: float = 0.05, t: float = 0.5, sink_tokens: int = 0,
+               offset: int = 0) -> CompressedPair:
     """MiniCache-style merge of two layers' KV (Liu et al., NeurIPS'24, Sec. 3.2-3.3).
 
     For K and for V separately, per token and head: magnitudes n_a = ||x_a||, n_b = ||x_b|| are kept
@@ -242,6 +243,11 @@ def merge_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a
         Fraction of tokens kept exact (MiniCache's retention threshold, as a fraction).
     t : float in [0, 1]
         SLERP weight (0 -> a's direction, 1 -> b's; MiniCache uses 0.5).
+    sink_tokens : int >= 0
+        Tokens at absolute positions < sink_tokens are kept exact as well, beside the
+        retain_ratio ones (an addition to MiniCache: the first tokens are attention sinks).
+    offset : int >= 0
+        Absolute position of the segment's first token (for `sink_tokens`).
 
     Returns
     -------
@@ -266,10 +272,17 @@ def merge_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a
         data[f"{kv}_norm_a"] = n_a.to(dtype)
         data[f"{kv}_norm_b"] = n_b.to(dtype)
         angles.append(omega.mean(dim=(0, 1)))  # (tokens,)
+    if sink_tokens < 0 or offset < 0:
+        raise ValueError(f"sink_tokens and offset must be >= 0; got {sink_tokens}, {offset}")
     n_retain = min(n_tokens, math.ceil(retain_ratio * n_tokens - 1e-9))
-    if n_retain > 0:
-        score = 0.5 * (angles[0] + angles[1])
-        idx = torch.topk(score, n_retain, sorted=False).indices.sort().values
+    n_sink = max(0, min(n_tokens, sink_tokens - offset))
+    score = 0.5 * (angles[0] + angles[1]) if n_tokens else torch.zeros(0)
+    if n_sink:
+        score = score.clone()
+        score[:n_sink] = float("inf")  # forced in, on top of the n_retain largest angles
+    n_keep = min(n_tokens, n_retain + n_sink)
+    if n_keep > 0:
+        idx = torch.topk(score, n_keep, sorted=False).indices.sort().values
     else:
         idx = torch.zeros(0, dtype=torch.long, device=kv_a[0].device)
     data["retain_idx"] = idx.to(torch.int32)

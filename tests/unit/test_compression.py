@@ -204,3 +204,19 @@ def test_layer_angles_identical_orthogonal_and_symmetric():
     assert torch.allclose(ang.diagonal(), torch.zeros(3, dtype=torch.float64))
     assert abs(ang[0, 2]) < 1e-6
     assert abs(ang[0, 1] - torch.pi / 2) < 1e-6
+
+
+def test_merge_keeps_sink_tokens_exact_by_absolute_position():
+    torch.manual_seed(1)
+    kv_a = (torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8))
+    kv_b = (torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8))
+    for offset, forced in ((0, [0, 1, 2]), (2, [0]), (5, [])):
+        pair = merge_pair(kv_a, kv_b, 0, 1, retain_ratio=0.1, sink_tokens=3, offset=offset)
+        idx = pair.data["retain_idx"].tolist()
+        assert set(forced) <= set(idx)
+        assert len(idx) == 2 + len(forced)  # ceil(0.1 * 20) by angle, plus the sinks
+        (ka, va), (kb, vb) = pair.expand()
+        for i in forced:
+            assert torch.equal(ka[:, :, i], kv_a[0][:, :, i]) and torch.equal(vb[:, :, i], kv_b[1][:, :, i])
+    with pytest.raises(ValueError, match="sink_tokens"):
+        merge_pair(kv_a, kv_b, 0, 1, sink_tokens=-1)
