@@ -112,6 +112,9 @@ def plot_fig4_accuracy(df: pd.DataFrame):
         return _empty(title)
     df = _runs(df).copy()
     df["setting"] = df.model + " | " + df.dataset
+    if df.run.nunique() > 1:  # this run beside committed references: one bar group per run
+        df["setting"] = df.run.astype(str) + " | " + df.setting
+    df = df.drop_duplicates(["setting", "policy"], keep="last")
     panels = [("nll_ratio", "nll_ratio_ci_lo", "nll_ratio_ci_hi", "nll / nll(full-load)"),
               ("greedy_match_rate", "greedy_ci_lo", "greedy_ci_hi", "greedy agreement (32 tok)"),
               ("rougeL_vs_full_load", None, None, "ROUGE-L vs full-load"),
