@@ -292,33 +292,10 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
               "pair_counts": list(pair_counts), "points": points, "kv_angles": angles,
               "runtime_s": time.time() - t0, "provenance": _provenance()}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    plot_curves(record, out / f"{stem}.png")
+    from krul.plotting import plot_calibration_curves
+
+    plot_calibration_curves(record).savefig(out / f"{stem}.png", dpi=130)
     return record
-
-
-def plot_curves(record: dict, path: Path) -> None:
-    """nll ratio (paired 95% CI) against measured compression ratio, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in dict.fromkeys(p["policy"] for p in record["points"]):
-        pts = sorted((p for p in record["points"] if p["policy"] == name), key=lambda p: p["n_pairs"])
-        x = [p["compression_ratio"] for p in pts]
-        y = [p["nll_ratio"] for p in pts]
-        err = [[p["nll_ratio"] - p["nll_ratio_lo"] for p in pts], [p["nll_ratio_hi"] - p["nll_ratio"] for p in pts]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
-    ax.axhline(1.01, color="grey", ls="--", lw=1, label="full KV + 1%")
-    ax.set_xlabel("compression ratio of loaded KV (measured)")
-    ax.set_ylabel("reply nll / full-KV nll")
-    ax.set_title(f"{record['model']}, {record['split']}: {len(record['conversations'])} conversations, "
-                 f"recompute 0", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def _provenance() -> dict:

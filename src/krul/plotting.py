@@ -243,3 +243,22 @@ def plot_fig9_history_length(df: pd.DataFrame):
                     col="panel", kind="line", marker="o", height=3, facet_kws={"sharey": False}, errorbar=None)
     g.figure.suptitle(title, y=1.02)
     return g.figure
+
+
+def plot_calibration_curves(record: dict):
+    """nll ratio (paired 95% CI) against measured compression ratio, one line per policy, from a
+    `krul.calibrate.curves` record."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name in dict.fromkeys(p["policy"] for p in record["points"]):
+        pts = sorted((p for p in record["points"] if p["policy"] == name), key=lambda p: p["n_pairs"])
+        y = [p["nll_ratio"] for p in pts]
+        err = [[p["nll_ratio"] - p["nll_ratio_lo"] for p in pts], [p["nll_ratio_hi"] - p["nll_ratio"] for p in pts]]
+        ax.errorbar([p["compression_ratio"] for p in pts], y, yerr=err, marker="o", capsize=3, label=name)
+    ax.axhline(1.01, color="grey", ls="--", lw=1, label="full KV + 1%")
+    ax.set_xlabel("compression ratio of loaded KV (measured)")
+    ax.set_ylabel("reply nll / full-KV nll")
+    ax.set_title(f"{record['model']}, {record['split']}: {len(record['conversations'])} conversations, "
+                 f"recompute 0", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
