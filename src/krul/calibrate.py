@@ -34,6 +34,12 @@ def load_calibration(model: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _first_turns(conv, max_turns: int) -> list[dict]:
+    """The messages of the conversation's first `max_turns` user turns (replies included)."""
+    users = conv.user_turn_indices()
+    return conv.messages[: users[max_turns] if len(users) > max_turns else len(conv.messages)]
+
+
 def pick_conversations(split: str, n: int, max_tokens: int, tokenizer, max_turns: int = 3):
     """The first `n` conversations of `split` in hash order whose first `max_turns` turns
     (replies included) fit in `max_tokens` tokens and that have at least 2 user turns."""
@@ -41,11 +47,10 @@ def pick_conversations(split: str, n: int, max_tokens: int, tokenizer, max_turns
 
     out = []
     for conv in data.load_conversations("sharegpt", split=split):
-        users = conv.user_turn_indices()
-        if len(users) < 2:
+        if len(conv.user_turn_indices()) < 2:
             continue
-        end = users[max_turns] if len(users) > max_turns else len(conv.messages)
-        ids = tokenizer.apply_chat_template(conv.messages[:end], tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(_first_turns(conv, max_turns), tokenize=True,
+                                            return_dict=True)["input_ids"]
         if len(ids) > max_tokens:
             continue
         out.append(conv)
@@ -220,9 +225,7 @@ def kv_angle_summary(adapter, conversations, max_turns: int = 3) -> dict:
 
     mats = []
     for conv in conversations:
-        users = conv.user_turn_indices()
-        end = users[max_turns] if len(users) > max_turns else len(conv.messages)
-        ids = adapter.tokenizer.apply_chat_template(conv.messages[:end], tokenize=True,
+        ids = adapter.tokenizer.apply_chat_template(_first_turns(conv, max_turns), tokenize=True,
                                                     return_dict=True, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = adapter.model(ids.to(adapter.device), use_cache=True)
@@ -273,7 +276,9 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     if partial.exists():
         for line in partial.read_text().splitlines():
             g = json.loads(line)
-            if g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns and g.get("tau") == tau and g.get("calibration") == cal_path.name:
+            same = (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
+                    and g.get("tau") == tau and g.get("calibration") == cal_path.name)
+            if same:
                 done[(g["policy"], g["n_pairs"])] = g
     todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
     points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
