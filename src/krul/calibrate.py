@@ -113,15 +113,33 @@ def curve_point(adapter, policy, conversations, records, base_rows, max_turns=3)
             "storage_ratio": summary["storage_ratio"]}
 
 
+def grid_policy(name: str, tau: float, n_pairs: int, n_layers: int, rank_ratio: float | None = None):
+    """Krul-family policy `name` at threshold `tau` compressing `n_pairs` pairs, recompute ratio 0
+    (for svd policies at `rank_ratio`, default the registry's)."""
+    from krul.policies import get_policy, with_rank_ratio
+    from krul.selector import pair_ratio
+
+    policy = get_policy(name, recompute_ratio=0.0)
+    if rank_ratio is not None:
+        policy = with_rank_ratio(policy, rank_ratio)
+    equiv = float(policy.selector_params.get("pair_layer_equiv", 1.0))
+    return policy.with_params(selector_params={**policy.selector_params, "tau": tau,
+                                               "target_ratio": pair_ratio(n_layers, n_pairs, equiv)})
+
+
 def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_turns: int = 3,
               taus=None, protect_fractions=(0.0, 0.2, 0.4, 0.6), pair_counts=(1, 2, 4, 6, 8, 10), tolerance: float = 0.01,
-              progress: bool = True) -> dict:
-    """Calibrate tau, the target ratio and the fixed plans on `dev`; write and return the record."""
+              progress: bool = True, policy: str = "krul", rank_ratios=(None,),
+              out: str | Path | None = None) -> dict:
+    """Calibrate tau, the target ratio and the fixed plans on `dev`; write and return the record.
+
+    `policy` is "krul" (the paper: merge) or "krul-svd" (then the grid also spans `rank_ratios`);
+    the record goes to `out` (default `experiments/calibration/<model>.json`, which the registry
+    reads) and every grid point to `<out stem>.partial.jsonl` as soon as it is measured."""
     from tqdm.auto import tqdm
 
     from krul import models
     from krul.adapter import ModelAdapter
-    from krul.policies import get_policy
     from krul.selector import calibrate_fixed_pairs, SelectionInput
 
     t0 = time.time()
@@ -136,28 +154,30 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         taus = sorted({0.0} | {float(torch.quantile(mean_boundary, q)) + 1e-9
                                for q in protect_fractions if q > 0})
     # resumable: every grid point is appended to a partial file as soon as it is measured
-    partial = calibration_path(model).with_suffix(".partial.jsonl")
+    path = Path(out) if out else calibration_path(model)
+    partial = path.with_suffix(".partial.jsonl")
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if partial.exists():
         for line in partial.read_text().splitlines():
             g = json.loads(line)
-            if g.get("conversations") == [c.id for c in convs]:
-                done[(round(g["tau"], 9), g["n_pairs"])] = g
+            if g.get("conversations") == [c.id for c in convs] and g.get("policy") == policy:
+                done[(round(g["tau"], 9), g["n_pairs"], g.get("rank_ratio"))] = g
     grid = []
     for tau in tqdm(taus, desc="tau", disable=not progress):
-        for k in pair_counts:
-            if (round(tau, 9), k) in done:
-                grid.append(done[(round(tau, 9), k)])
-                continue
-            ratio = n_layers / (n_layers - k)
-            policy = get_policy("krul", recompute_ratio=0.0).with_params(
-                selector_params={"tau": tau, "target_ratio": ratio})
-            point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
-            point.update(tau=tau, n_pairs=k, target_ratio=ratio, conversations=[c.id for c in convs])
-            grid.append(point)
-            with open(partial, "a") as f:
-                f.write(json.dumps(point) + "\n")
+        for rank_ratio in rank_ratios:
+            for k in pair_counts:
+                key = (round(tau, 9), k, rank_ratio)
+                if key in done:
+                    grid.append(done[key])
+                    continue
+                pol = grid_policy(policy, tau, k, n_layers, rank_ratio)
+                point = curve_point(adapter, pol, convs, records, base_rows, max_turns)
+                point.update(tau=tau, n_pairs=k, target_ratio=pol.selector_params["target_ratio"],
+                             rank_ratio=rank_ratio, conversations=[c.id for c in convs])
+                grid.append(point)
+                with open(partial, "a") as f:
+                    f.write(json.dumps(point) + "\n")
     ok = [g for g in grid if g["nll_ratio_hi"] <= 1 + tolerance]
     best = max(ok, key=lambda g: (g["compression_ratio"] or 0, -g["tau"])) if ok else None
     finals = [recs[-1] for recs in records.values()]
@@ -166,7 +186,10 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
     tau = best["tau"] if best else max(taus)
     from krul.selector import KrulSelector
 
-    chosen = KrulSelector(tau=tau, target_ratio=best["target_ratio"] if best else 1.0)
+    best_rank = best.get("rank_ratio") if best else None
+    chosen_policy = grid_policy(policy, tau, best["n_pairs"] if best else 0, n_layers, best_rank)
+    chosen = KrulSelector(**{k: v for k, v in chosen_policy.selector_params.items()
+                             if k in ("tau", "target_ratio", "method", "pair_layer_equiv", "preempt")})
     plans = []
     for conv_id, recs in records.items():  # krul's per-conversation plans at the calibrated point
         plan = chosen.select(SelectionInput.from_stats(recs[-1]))
@@ -174,8 +197,8 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
                       "pairs": [list(p) for p in plan.pairs], "sensitive": list(plan.sensitive),
                       "method": plan.method})
     record = {
-        "model": model, "split": "dev", "conversations": [c.id for c in convs], "max_turns": max_turns,
-        "tolerance": tolerance, "tau": tau,
+        "model": model, "split": "dev", "policy": policy, "conversations": [c.id for c in convs],
+        "max_turns": max_turns, "tolerance": tolerance, "tau": tau, "rank_ratio": best_rank,
         "target_ratio": best["target_ratio"] if best else 1.0,
         "n_pairs": best["n_pairs"] if best else 0,
         "krul_fix_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="ascending", tau=tau)],
@@ -184,31 +207,36 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
             [recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)],
         "plans": plans, "grid": grid, "runtime_s": time.time() - t0, "provenance": _provenance(),
     }
-    path = calibration_path(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
 
 
-CURVE_POLICIES = ("krul", "minicache", "kvsharer", "krul-fix")
+CURVE_POLICIES = ("krul", "minicache", "kvsharer", "krul-fix", "krul-svd", "krul-fix-svd")
 
 
-def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float):
+def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None):
     """Policy `name` compressing `k` layer pairs at recompute ratio 0.
 
-    krul: per-conversation greedy pairs at threshold `tau`; minicache: the k deepest adjacent pairs;
-    krul-fix / kvsharer: the first k of the fixed plans calibrated on dev (`cal`)."""
-    from krul.policies import get_policy
+    krul / krul-svd: per-conversation greedy pairs at threshold `tau`; minicache: the k deepest
+    adjacent pairs; krul-fix / krul-fix-svd / kvsharer: the first k of the fixed plans calibrated on
+    dev (`cal`). svd policies at `rank_ratio` (default: the calibration's, else the registry's)."""
+    from krul.policies import get_policy, with_rank_ratio
 
     policy = get_policy(name, recompute_ratio=0.0)
+    if policy.selector_params.get("method") == "svd":
+        rank_ratio = rank_ratio if rank_ratio is not None else cal.get("rank_ratio")
+        if rank_ratio is not None:
+            policy = with_rank_ratio(policy, rank_ratio)
     params = dict(policy.selector_params)
-    ratio = n_layers / (n_layers - k)
+    from krul.selector import pair_ratio
+
+    ratio = pair_ratio(n_layers, k, float(params.get("pair_layer_equiv", 1.0)))
     if policy.selector == "krul":
         params.update(tau=tau, target_ratio=ratio)
     elif policy.selector == "minicache":
         params.update(target_ratio=ratio)
-    elif name in ("krul-fix", "kvsharer"):
-        key = "krul_fix_pairs" if name == "krul-fix" else "kvsharer_pairs"
+    elif name in ("krul-fix", "krul-fix-svd", "kvsharer"):
+        key = "kvsharer_pairs" if name == "kvsharer" else "krul_fix_pairs"
         fixed = [tuple(p) for p in cal[key]]
         if len(fixed) < k:
             raise ValueError(f"the dev calibration holds {len(fixed)} {name} pairs, fewer than {k}; "
@@ -241,14 +269,15 @@ def kv_angle_summary(adapter, conversations, max_turns: int = 3) -> dict:
 def curves(model: str, split: str = "test", n_conversations: int = 30, max_tokens: int = 2000,
            max_turns: int = 3, policies=CURVE_POLICIES, pair_counts=(1, 2, 4), tau: float | None = None,
            calibration: str | Path | None = None, progress: bool = True,
-           out_dir: str | Path | None = None) -> dict:
+           out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
     calibration record; conversations from `split`. Resumable: every point is appended to
     `experiments/calibration/<model>.curves-<split>.partial.jsonl` as soon as it is measured, and
     the record is written to `<model>.curves-<split>.json` (and its plot to `.png`), all in
-    `out_dir` (default: beside the calibrations).
+    `out_dir` (default: beside the calibrations); a `tag` names a separate set of files
+    (`<model>.curves-<split>-<tag>.*`). svd policies run at `rank_ratio` (default: the calibration's).
     """
     from tqdm.auto import tqdm
 
@@ -269,7 +298,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     convs = pick_conversations(split, n_conversations, max_tokens, tok, max_turns)
     ids = [c.id for c in convs]
     out = Path(out_dir) if out_dir else calibration_path(model).parent
-    stem = f"{model}.curves-{split}"
+    stem = f"{model}.curves-{split}" + (f"-{tag}" if tag else "")
     partial = out / f"{stem}.partial.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -277,7 +306,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
         for line in partial.read_text().splitlines():
             g = json.loads(line)
             same = (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
-                    and g.get("tau") == tau and g.get("calibration") == cal_path.name)
+                    and g.get("tau") == tau and g.get("calibration") == cal_path.name
+                    and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal))
             if same:
                 done[(g["policy"], g["n_pairs"])] = g
     todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
@@ -285,15 +315,16 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     if todo:
         records, base_rows = base_pass(adapter, convs, max_turns, progress)
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
-            policy = curve_policy(name, k, adapter.n_layers, cal, tau)
+            policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
-            point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids)
+            point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
+                         rank_ratio=_rank_for(name, rank_ratio, cal))
             points.append(point)
             with open(partial, "a") as f:
                 f.write(json.dumps(point) + "\n")
     angles = kv_angle_summary(adapter, convs[:5], max_turns)
     record = {"model": model, "split": split, "conversations": ids, "max_tokens": max_tokens,
-              "max_turns": max_turns, "tau": tau, "calibration": cal_path.name,
+              "max_turns": max_turns, "tau": tau, "calibration": cal_path.name, "rank_ratio": rank_ratio,
               "pair_counts": list(pair_counts), "points": points, "kv_angles": angles,
               "runtime_s": time.time() - t0, "provenance": _provenance()}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
@@ -301,6 +332,18 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
 
     plot_calibration_curves(record).savefig(out / f"{stem}.png", dpi=130)
     return record
+
+
+def _rank_for(name: str, rank_ratio: float | None, cal: dict) -> float | None:
+    """The rank ratio a curve point of policy `name` runs at (None for policies without svd)."""
+    from krul.policies import get_policy
+
+    policy = get_policy(name)
+    if policy.selector_params.get("method") != "svd":
+        return None
+    if rank_ratio is not None:
+        return float(rank_ratio)
+    return float(cal["rank_ratio"]) if cal.get("rank_ratio") is not None else float(policy.compress_params["rank_ratio"])
 
 
 def _provenance() -> dict:
@@ -331,9 +374,13 @@ def main_curves(argv) -> int:
     p.add_argument("--tau", type=float, default=None, help="krul's threshold (default: the calibration's)")
     p.add_argument("--calibration", default=None,
                    help="dev calibration JSON (default experiments/calibration/<model>.json)")
+    p.add_argument("--rank-ratio", type=float, default=None,
+                   help="svd policies' stored fraction of a pair (default: the calibration's)")
+    p.add_argument("--tag", default="", help="write <model>.curves-<split>-<tag>.* instead")
     args = p.parse_args(argv)
     rec = curves(args.model, args.split, args.n_conversations, args.max_tokens, policies=args.policies,
-                 pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration)
+                 pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
+                 tag=args.tag, rank_ratio=args.rank_ratio)
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))
@@ -379,9 +426,16 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10])
     p.add_argument("--protect", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6],
                    help="fractions of layers the tau grid protects (when --taus is not given)")
+    p.add_argument("--policy", default="krul", choices=["krul", "krul-svd"])
+    p.add_argument("--rank-ratios", type=float, nargs="+", default=None,
+                   help="krul-svd: stored fractions of a pair to grid (default: the registry's)")
+    p.add_argument("--out", default=None, help="record path (default experiments/calibration/<model>.json)")
     args = p.parse_args(argv)
+    if args.rank_ratios and args.policy != "krul-svd":
+        p.error("--rank-ratios is for --policy krul-svd")
     rec = calibrate(args.model, args.n_conversations, args.max_tokens, taus=args.taus,
-                    protect_fractions=tuple(args.protect), pair_counts=tuple(args.pairs))
+                    protect_fractions=tuple(args.protect), pair_counts=tuple(args.pairs),
+                    policy=args.policy, rank_ratios=tuple(args.rank_ratios or (None,)), out=args.out)
     print(json.dumps({k: v for k, v in rec.items() if k != "grid"}))
     for g in rec["grid"]:
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))

@@ -3,7 +3,9 @@
 Krul (arXiv 2507.08045, Sec. 3.1) compresses the KV of the layer pairs it selects for a conversation
 following MiniCache: K and V of the two layers are merged into one direction tensor, per-token
 magnitudes are kept per layer, and the tokens on which the layers disagree most are kept exact. Plain
-sharing (layer b reuses layer a's KV, as in KVSharer) is the simpler ablation.
+sharing (layer b reuses layer a's KV, as in KVSharer) is the simpler ablation. `svd` goes beyond
+the paper: one low-rank token tensor serves both layers through per-layer bases (xKV-style joint SVD),
+with the attention-sink tokens kept exact.
 
 A `CompressedPair` is exactly what is stored for layers (a, b) and one token segment; `nbytes()` counts
 every stored tensor. This module knows nothing about which pairs to compress (the selector), where the
@@ -17,16 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-METHODS = ("share", "merge")
+METHODS = ("share", "merge", "svd")
 
 # Tensor names stored per method (the order is the serialisation order).
 _SHARE_NAMES = ("k", "v")
 _MERGE_NAMES = ("k_dir", "v_dir", "k_norm_a", "k_norm_b", "v_norm_a", "v_norm_b",
                 "retain_idx", "k_ret_a", "v_ret_a", "k_ret_b", "v_ret_b")
-_TOKEN_DIM = {  # which axis of each stored tensor is the token axis
-    "k": 2, "v": 2, "k_dir": 2, "v_dir": 2, "k_norm_a": 2, "k_norm_b": 2, "v_norm_a": 2,
-    "v_norm_b": 2, "k_ret_a": 2, "v_ret_a": 2, "k_ret_b": 2, "v_ret_b": 2, "retain_idx": 0,
-}
+_SVD_NAMES = ("k_coef", "v_coef", "k_basis", "v_basis",
+              "retain_idx", "k_ret_a", "v_ret_a", "k_ret_b", "v_ret_b")
+_RETAINED = ("k_ret_a", "v_ret_a", "k_ret_b", "v_ret_b")
 
 # Below this angle (radians) SLERP's 1/sin(omega) is ill-conditioned: use the normalised lerp.
 _SLERP_MIN_ANGLE = 1e-4
@@ -39,10 +40,13 @@ class CompressedPair:
 
     Attributes
     ----------
-    method : {"share", "merge"}
+    method : {"share", "merge", "svd"}
     layer_a, layer_b : int
     data : dict[str, Tensor]
         "share": `k`, `v` (batch, kv_heads, tokens, head_dim) = layer a's KV.
+        "svd": `k_coef`, `v_coef` (batch, tokens, rank) token coefficients shared by both layers;
+        `k_basis`, `v_basis` (batch, rank, 2 * kv_heads * head_dim) orthonormal rows, layer a's
+        features first; `retain_idx` and `k_ret_a` ... `v_ret_b` as for "merge".
         "merge": `k_dir`, `v_dir` (batch, kv_heads, tokens, head_dim) merged unit directions;
         `k_norm_a`, `k_norm_b`, `v_norm_a`, `v_norm_b` (batch, kv_heads, tokens) per-layer magnitudes;
         `retain_idx` (n_retained,) int32 ascending token indices kept exact; `k_ret_a`, `v_ret_a`,
@@ -71,19 +75,30 @@ class CompressedPair:
 
     def n_tokens(self) -> int:
         """Number of tokens in the segment."""
-        return int(self.data["k" if self.method == "share" else "k_dir"].shape[2])
+        if self.method == "svd":
+            return int(self.data["k_coef"].shape[1])
+        return int(self.data[self._main].shape[2])
+
+    @property
+    def _main(self) -> str:
+        return {"share": "k", "merge": "k_dir", "svd": "k_coef"}[self.method]
 
     @property
     def n_retained(self) -> int:
         return 0 if self.method == "share" else int(self.data["retain_idx"].numel())
 
     @property
+    def rank(self) -> int:
+        """Rank of the shared token tensor ("svd" only; 0 otherwise)."""
+        return int(self.data["k_coef"].shape[2]) if self.method == "svd" else 0
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.data["k" if self.method == "share" else "k_dir"].dtype
+        return self.data[self._main].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.data["k" if self.method == "share" else "k_dir"].device
+        return self.data[self._main].device
 
     # -- restore ------------------------------------------------------------------------------
     def expand(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -98,6 +113,8 @@ class CompressedPair:
         if self.method == "share":
             return (d["k"].clone(), d["v"].clone()), (d["k"].clone(), d["v"].clone())
         idx = d["retain_idx"].long()
+        if self.method == "svd":
+            return _svd_expand(d, idx)
         out = []
         for side in ("a", "b"):
             layer = []
@@ -120,14 +137,18 @@ class CompressedPair:
             raise ValueError(f"crop start must be in [0, {n}]; got {start}")
         d = self.data
         if self.method == "share":
-            new = {name: d[name][:, :, start:].clone() for name in _SHARE_NAMES}
+            return CompressedPair(self.method, self.layer_a, self.layer_b,
+                                  {name: d[name][:, :, start:].clone() for name in _SHARE_NAMES}, self.t)
+        if self.method == "svd":  # the bases serve every token: they stay whole
+            new = {"k_coef": d["k_coef"][:, start:].clone(), "v_coef": d["v_coef"][:, start:].clone(),
+                   "k_basis": d["k_basis"].clone(), "v_basis": d["v_basis"].clone()}
         else:
-            keep = d["retain_idx"] >= start
             new = {name: d[name][:, :, start:].clone()
                    for name in ("k_dir", "v_dir", "k_norm_a", "k_norm_b", "v_norm_a", "v_norm_b")}
-            new["retain_idx"] = (d["retain_idx"][keep] - start).to(torch.int32)
-            for name in ("k_ret_a", "v_ret_a", "k_ret_b", "v_ret_b"):
-                new[name] = d[name][:, :, keep].clone()
+        keep = d["retain_idx"] >= start
+        new["retain_idx"] = (d["retain_idx"][keep] - start).to(torch.int32)
+        for name in _RETAINED:
+            new[name] = d[name][:, :, keep].clone()
         return CompressedPair(self.method, self.layer_a, self.layer_b, new, self.t)
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> "CompressedPair":
@@ -157,6 +178,8 @@ def _names(method: str) -> tuple[str, ...]:
         return _SHARE_NAMES
     if method == "merge":
         return _MERGE_NAMES
+    if method == "svd":
+        return _SVD_NAMES
     raise ValueError(f"unknown compression method '{method}'; known: {', '.join(METHODS)}")
 
 
@@ -277,14 +300,8 @@ def merge_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a
     n_retain = min(n_tokens, math.ceil(retain_ratio * n_tokens - 1e-9))
     n_sink = max(0, min(n_tokens, sink_tokens - offset))
     score = 0.5 * (angles[0] + angles[1]) if n_tokens else torch.zeros(0)
-    if n_sink:
-        score = score.clone()
-        score[:n_sink] = float("inf")  # forced in, on top of the n_retain largest angles
-    n_keep = min(n_tokens, n_retain + n_sink)
-    if n_keep > 0:
-        idx = torch.topk(score, n_keep, sorted=False).indices.sort().values
-    else:
-        idx = torch.zeros(0, dtype=torch.long, device=kv_a[0].device)
+    # the sinks are forced in, on top of the n_retain largest angles
+    idx = _exact_tokens(score, n_sink, n_retain, kv_a[0].device)
     data["retain_idx"] = idx.to(torch.int32)
     for side, (k, v) in (("a", kv_a), ("b", kv_b)):
         data[f"k_ret_{side}"] = k.detach().index_select(2, idx).clone()
@@ -292,15 +309,130 @@ def merge_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a
     return CompressedPair("merge", layer_a, layer_b, data, float(t))
 
 
+def svd_rank(n_tokens: int, width: int, rank_ratio: float) -> int:
+    """Rank whose coefficients + basis take at most `rank_ratio` of the exact pair's elements.
+
+    A rank-r pair stores n_tokens * r coefficients and r * width basis entries against
+    n_tokens * width exact values (width = 2 * kv_heads * head_dim), so
+    r = floor(rank_ratio * n_tokens * width / (n_tokens + width)), at least 1 for a non-empty
+    segment and at most min(n_tokens, width). Short segments pay relatively more for their basis.
+    """
+    if n_tokens <= 0 or width <= 0:
+        return 0
+    r = math.floor(rank_ratio * n_tokens * width / (n_tokens + width) + 1e-9)
+    return max(1, min(r, n_tokens, width))
+
+
+def _flat(x: Tensor) -> Tensor:
+    """(batch, kv_heads, tokens, head_dim) -> (batch, tokens, kv_heads * head_dim)."""
+    b, h, n, d = x.shape
+    return x.permute(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: int, layer_b: int,
+             rank_ratio: float = 0.625, sink_tokens: int = 1, retain_ratio: float = 0.0,
+             offset: int = 0) -> CompressedPair:
+    """Cross-layer joint low-rank compression (after xKV, Chang et al. 2025, arXiv 2503.18893).
+
+    For K and for V separately, each token's vectors of both layers (all heads) are concatenated
+    into one row of X (batch, tokens, 2 * kv_heads * head_dim). The top `r` right singular vectors
+    of X (the sink and retained rows left out of the fit) form the stored basis B (batch, r, width);
+    the stored coefficients are C = X B^T (batch, tokens, r), one tensor serving both layers, and
+    expansion is C B split back into the two layers. Layers whose token vectors are near-orthogonal
+    (where a MiniCache merge loses ~77%) still share their dominant token subspace, which is what
+    this exploits. `r = svd_rank(tokens, width, rank_ratio)`, so coefficients plus basis take at
+    most `rank_ratio` of the pair's exact bytes; the exact tokens come on top.
+
+    Exact tokens: those at absolute positions < `sink_tokens` (the attention sink: its KV lies
+    outside the other tokens' subspace, and a small error on it costs much more nll than elsewhere),
+    plus the ceil(retain_ratio * tokens) tokens with the largest relative reconstruction error
+    (averaged over K and V). The reconstruction error of every other token is its distance to the
+    basis' span, so the segment's relative Frobenius error is at most the tail singular-value mass.
+
+    Parameters
+    ----------
+    kv_a, kv_b : (keys, values), each (batch, kv_heads, tokens, head_dim), same shape and dtype
+    rank_ratio : float in (0, 1]  stored fraction of the pair's exact elements (before exact tokens)
+    sink_tokens : int >= 0  leading absolute positions kept exact
+    retain_ratio : float in [0, 1]  fraction of worst-reconstructed tokens kept exact
+    offset : int >= 0  absolute position of the segment's first token
+    """
+    if not 0.0 < rank_ratio <= 1.0:
+        raise ValueError(f"rank_ratio must be in (0, 1]; got {rank_ratio}")
+    if not 0.0 <= retain_ratio <= 1.0:
+        raise ValueError(f"retain_ratio must be in [0, 1]; got {retain_ratio}")
+    if sink_tokens < 0 or offset < 0:
+        raise ValueError(f"sink_tokens and offset must be >= 0; got {sink_tokens}, {offset}")
+    _check_kv(kv_a, kv_b)
+    dtype = kv_a[0].dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    n_tokens = kv_a[0].shape[2]
+    n_sink = max(0, min(n_tokens, sink_tokens - offset))
+    data: dict[str, Tensor] = {}
+    errors = []
+    for kv, x_a, x_b in (("k", kv_a[0], kv_b[0]), ("v", kv_a[1], kv_b[1])):
+        x = torch.cat([_flat(x_a.detach().to(work)), _flat(x_b.detach().to(work))], dim=-1)
+        width = x.shape[-1]
+        rank = svd_rank(n_tokens - n_sink, width, rank_ratio)
+        fit = x[:, n_sink:]
+        if rank:
+            basis = torch.linalg.svd(fit, full_matrices=False).Vh[:, :rank]  # (batch, r, width)
+        else:
+            basis = x.new_zeros(x.shape[0], 0, width)
+        coef = x @ basis.transpose(1, 2)
+        resid = (x - coef @ basis).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(_EPS)
+        errors.append(resid.mean(0))  # (tokens,)
+        data[f"{kv}_coef"] = coef.to(dtype)
+        data[f"{kv}_basis"] = basis.to(dtype)
+    n_retain = min(n_tokens - n_sink, math.ceil(retain_ratio * (n_tokens - n_sink) - 1e-9))
+    idx = _exact_tokens(0.5 * (errors[0] + errors[1]) if n_tokens else torch.zeros(0), n_sink, n_retain,
+                        kv_a[0].device)
+    data["retain_idx"] = idx.to(torch.int32)
+    for side, (k, v) in (("a", kv_a), ("b", kv_b)):
+        data[f"k_ret_{side}"] = k.detach().index_select(2, idx).clone()
+        data[f"v_ret_{side}"] = v.detach().index_select(2, idx).clone()
+    return CompressedPair("svd", layer_a, layer_b, data)
+
+
+def _exact_tokens(score: Tensor, n_sink: int, n_retain: int, device) -> Tensor:
+    """Ascending indices of the first `n_sink` tokens plus the `n_retain` others of largest score."""
+    if n_sink:
+        score = score.clone()
+        score[:n_sink] = float("inf")
+    n_keep = min(int(score.numel()), n_sink + n_retain)
+    if n_keep <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.topk(score, n_keep, sorted=False).indices.sort().values.to(device)
+
+
+def _svd_expand(d: dict[str, Tensor], idx: Tensor):
+    """Both layers' KV from an "svd" pair's tensors (see `svd_pair`)."""
+    out = {"a": [], "b": []}
+    for kv in ("k", "v"):
+        coef, basis = d[f"{kv}_coef"], d[f"{kv}_basis"]
+        like = d[f"{kv}_ret_a"]  # (batch, kv_heads, n_retained, head_dim): carries the head shape
+        b, h, _, hd = like.shape
+        n = coef.shape[1]
+        x = (coef.float() @ basis.float()) if coef.dtype != torch.float64 else coef @ basis
+        for side, part in (("a", x[..., : h * hd]), ("b", x[..., h * hd:])):
+            y = part.reshape(b, n, h, hd).permute(0, 2, 1, 3).to(coef.dtype).contiguous()
+            if idx.numel():
+                y[:, :, idx] = d[f"{kv}_ret_{side}"]
+            out[side].append(y)
+    return (out["a"][0], out["a"][1]), (out["b"][0], out["b"][1])
+
+
 def compress_pair(method: str, kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor],
                   layer_a: int, layer_b: int, **kwargs) -> CompressedPair:
-    """Compress one layer pair with `method` ("share" or "merge"); kwargs go to the method."""
+    """Compress one layer pair with `method` ("share", "merge" or "svd"); kwargs go to the method."""
     if method == "share":
         if kwargs:
             raise ValueError(f"share takes no options; got {sorted(kwargs)}")
         return share_pair(kv_a, kv_b, layer_a, layer_b)
     if method == "merge":
         return merge_pair(kv_a, kv_b, layer_a, layer_b, **kwargs)
+    if method == "svd":
+        return svd_pair(kv_a, kv_b, layer_a, layer_b, **kwargs)
     raise ValueError(f"unknown compression method '{method}'; known: {', '.join(METHODS)}")
 
 

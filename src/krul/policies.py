@@ -17,6 +17,9 @@ Policies and the papers they implement:
 - krul-fix: Krul's machinery with one plan calibrated on `dev` for every conversation.
 - krul: per-conversation pairs (estimator + preemptive selector), merge, bubble-free pyramid split.
 - ablations: krul-no-preempt, krul-fixed-split, krul-share.
+- beyond the paper: krul-svd (krul's per-conversation pairs, stored as one joint low-rank token
+  tensor per pair, xKV-style, sink token exact; see `compression.svd_pair`) and krul-fix-svd (its
+  one-plan-for-all ablation).
 """
 from __future__ import annotations
 
@@ -95,7 +98,8 @@ class RestorePolicy:
                                   "(profile them: krul.profile.measure_rates)")
             per_token = load_bytes_per_token(plan, n_layers, engine.adapter.layer_kv_bytes_per_token(),
                                              self.compress_params.get("retain_ratio", 0.0),
-                                             engine.adapter.head_dim)
+                                             engine.adapter.head_dim,
+                                             self.compress_params.get("rank_ratio", 1.0))
             s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope,
                                        min_gain=self.min_gain)
             t_rec, t_load = scheduler.predict(s, engine.rates, per_token)
@@ -111,7 +115,7 @@ class RestorePolicy:
         lengths, predicted = self.split_lengths(engine, len(token_ids), n_layers, plan)
         pairs = plan.pairs if plan is not None else ()
         method = plan.method if plan is not None else "merge"
-        compress = {k: v for k, v in self.compress_params.items() if method == "merge"}
+        compress = dict(self.compress_params) if method != "share" else {}
         meta = {"policy": self.name, "plan": plan.to_dict() if plan is not None else {},
                 "predicted": predicted}
         state = build_state(adapter.fingerprint(), torch.tensor(token_ids), adapter.kv_from_cache(cache),
@@ -121,24 +125,35 @@ class RestorePolicy:
 
 
 def load_bytes_per_token(plan, n_layers: int, layer_bytes: float, retain_ratio: float = 0.0,
-                         head_dim: int | None = None) -> list[float]:
+                         head_dim: int | None = None, rank_ratio: float = 1.0) -> list[float]:
     """Stored bytes per loaded token of each layer under a plan (a pair's bytes split over its two).
 
     Merge stores one direction (a layer's bytes), per-layer K and V norms (2/head_dim of a layer's
     bytes for the two layers) and the retained fraction exact for both layers; share stores one
-    layer's bytes.
+    layer's bytes; svd at most `rank_ratio` of both layers' bytes (plus its retained fraction).
     """
     norms = 2.0 / head_dim if head_dim else 0.0
     per = [float(layer_bytes)] * n_layers
     if plan is None:
         return per
+    pair_bytes = {"merge": layer_bytes * (1.0 + norms + 2.0 * retain_ratio), "share": layer_bytes,
+                  "svd": layer_bytes * 2.0 * (rank_ratio + retain_ratio)}[plan.method]
     for a, b in plan.pairs:
-        pair = layer_bytes * (1.0 + norms + 2.0 * retain_ratio) if plan.method == "merge" else layer_bytes
-        per[a] = per[b] = pair / 2
+        per[a] = per[b] = pair_bytes / 2
     return per
 
 
+def with_rank_ratio(policy: "RestorePolicy", rank_ratio: float) -> "RestorePolicy":
+    """An svd policy at another `rank_ratio` (its selector's pair size follows: 2 * rank_ratio)."""
+    if policy.selector_params.get("method") != "svd":
+        raise PolicyError(f"policy {policy.name!r} does not compress with svd; rank_ratio is for svd")
+    return policy.with_params(compress_params={**policy.compress_params, "rank_ratio": rank_ratio},
+                              selector_params={**policy.selector_params, "pair_layer_equiv": 2.0 * rank_ratio})
+
+
 _MERGE = {"retain_ratio": 0.05}
+_SVD = {"rank_ratio": 0.5, "sink_tokens": 1, "retain_ratio": 0.0}
+_SVD_PAIR = {"method": "svd", "pair_layer_equiv": 2.0 * _SVD["rank_ratio"]}
 _MIN_GAIN = 0.1  # see scheduler.choose_split: a split must promise >= 10% over a single stream
 POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
     RestorePolicy("full-recompute", "prefill the whole history again", split="recompute"),
@@ -168,6 +183,14 @@ POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
     RestorePolicy("krul-share", "Krul ablation: share instead of merge", split="scheduler", slope=1.0,
                   min_gain=_MIN_GAIN, selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5, "method": "share"},
                   needs_estimator=True),
+    RestorePolicy("krul-svd", "Krul's per-conversation pairs, stored as xKV-style joint SVD (Chang et "
+                  "al., 2025) with the sink token exact: beyond the paper", split="scheduler", slope=1.0,
+                  min_gain=_MIN_GAIN, selector="krul",
+                  selector_params={"tau": 0.3, "target_ratio": 1.5, **_SVD_PAIR}, compress_params=_SVD,
+                  needs_estimator=True),
+    RestorePolicy("krul-fix-svd", "krul-svd ablation: one plan calibrated on dev", split="scheduler",
+                  slope=1.0, min_gain=_MIN_GAIN, selector="fixed", selector_params={"pairs": (), "method": "svd"},
+                  compress_params=_SVD),
 ]}
 
 
@@ -184,7 +207,7 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     n_pairs = int(cal.get("n_pairs", 0))
     if policy.selector == "krul":
         params.update(tau=cal["tau"], target_ratio=cal["target_ratio"])
-    elif policy.name == "krul-fix":
+    elif policy.name in ("krul-fix", "krul-fix-svd"):
         params.update(pairs=tuple(map(tuple, cal["krul_fix_pairs"][:n_pairs])))
     elif policy.name == "kvsharer":
         params.update(pairs=tuple(map(tuple, cal["kvsharer_pairs"][:n_pairs])))

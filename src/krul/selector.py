@@ -26,7 +26,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # selector may depend on similarity, never the other way
     from krul.similarity import SimilarityStats
 
-PLAN_METHODS = ("merge", "share")
+PLAN_METHODS = ("merge", "share", "svd")
 PAIR_ORDERS = ("ascending", "descending")
 
 
@@ -101,12 +101,19 @@ class CompressionPlan:
                    n_layers=int(d.get("n_layers", 0)))
 
 
-def n_pairs_for_ratio(n_layers: int, target_ratio: float) -> int:
-    """Smallest k with n_layers / (n_layers - k) >= target_ratio, capped at n_layers // 2."""
+def pair_ratio(n_layers: int, n_pairs: int, pair_layer_equiv: float = 1.0) -> float:
+    """Nominal compression of `n_pairs` pairs that each store `pair_layer_equiv` layers' worth:
+    n_layers / (n_layers - (2 - pair_layer_equiv) * n_pairs); the inverse of `n_pairs_for_ratio`."""
+    return n_layers / (n_layers - (2.0 - pair_layer_equiv) * n_pairs)
+
+
+def n_pairs_for_ratio(n_layers: int, target_ratio: float, pair_layer_equiv: float = 1.0) -> int:
+    """Smallest k with n_layers / (n_layers - 2k + k * pair_layer_equiv) >= target_ratio, capped at
+    n_layers // 2 (a pair stores `pair_layer_equiv` layers' worth: 1 -> n_layers / (n_layers - k))."""
     if n_layers <= 0:
         return 0
     for k in range(n_layers // 2 + 1):
-        if n_layers / (n_layers - k) >= target_ratio - 1e-12:
+        if pair_ratio(n_layers, k, pair_layer_equiv) >= target_ratio - 1e-12:
             return k
     return n_layers // 2
 
@@ -227,14 +234,16 @@ class KrulSelector(Selector):
     Attributes
     ----------
     tau : float  boundary-mass threshold (not reported by the paper; calibrate and report)
-    target_ratio : float  nominal compression ratio n_layers / (n_layers - n_pairs)
+    target_ratio : float  nominal compression ratio n_layers / (n_layers - 2 n_pairs + n_pairs * e),
+        e = pair_layer_equiv
     budget_bytes_per_token : float | None  overrides target_ratio when set
-    method : "merge" | "share"
+    method : "merge" | "share" | "svd"
     preempt : bool
     min_layer : int
     pair_layer_equiv : float
-        Stored size of one compressed pair in layer-equivalents, used for the byte budget: 1.0 for
-        "share" and nominally for "merge"; 1 + 2/head_dim + 2*retain_ratio counts the merge extras.
+        Stored size of one compressed pair in layer-equivalents, for the target ratio and the byte
+        budget: 1.0 for "share" and nominally for "merge" (1 + 2/head_dim + 2*retain_ratio counts the
+        merge extras); 2 * rank_ratio for "svd".
     order : "ascending" (the paper) | "descending"
     """
 
@@ -250,7 +259,7 @@ class KrulSelector(Selector):
     def n_pairs(self, n_layers: int, layer_bytes_per_token: float | None) -> int:
         """Pairs wanted for the target ratio or the byte budget (before layer availability)."""
         if self.budget_bytes_per_token is None:
-            return n_pairs_for_ratio(n_layers, self.target_ratio)
+            return n_pairs_for_ratio(n_layers, self.target_ratio, self.pair_layer_equiv)
         if layer_bytes_per_token is None:
             raise ValueError("budget_bytes_per_token needs SelectionInput.layer_bytes_per_token "
                              "(bytes of one layer's K+V per token)")

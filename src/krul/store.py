@@ -384,7 +384,7 @@ def build_state(fingerprint: dict, token_ids: torch.Tensor, layers_kv: Sequence[
             continue
         kv_a = tuple(t[:, :, start:n_new] for t in layers_kv[a])
         kv_b = tuple(t[:, :, start:n_new] for t in layers_kv[b])
-        kwargs = {**compress_kwargs, "offset": start} if method == "merge" else compress_kwargs
+        kwargs = {**compress_kwargs, "offset": start} if method != "share" else compress_kwargs
         items.append(StoredItem((a, b), start, n_new, compress_pair(method, kv_a, kv_b, a, b, **kwargs)))
     for l in range(n_layers):
         start = max(n_old, lengths[l])

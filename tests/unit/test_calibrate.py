@@ -19,6 +19,11 @@ def test_curve_policy_loads_everything_and_targets_k_pairs(name):
         assert params["target_ratio"] == pytest.approx(30 / 28)
     elif name == "krul-fix":
         assert params["pairs"] == ((6, 7), (4, 5)) and params["method"] == "merge"
+    elif name == "krul-svd":  # a pair stores 2 * rank_ratio (0.5) layers: saves 1 layer, as share
+        assert params["tau"] == 0.25 and params["method"] == "svd"
+        assert params["target_ratio"] == pytest.approx(30 / 28)
+    elif name == "krul-fix-svd":
+        assert params["pairs"] == ((6, 7), (4, 5)) and params["method"] == "svd"
     else:
         assert params["pairs"] == ((11, 24), (10, 25)) and params["method"] == "share"
 
@@ -42,3 +47,17 @@ def test_curve_table_marks_points_within_tolerance():
     assert len(table) == 3
     assert "1.030x, 1.004 [1.000, 1.009] (within 1%)" in table[2]
     assert "1.050 [1.020, 1.080] |" in table[2]
+
+
+def test_svd_curve_policy_follows_the_rank_ratio():
+    policy = curve_policy("krul-svd", 4, 30, {**CAL, "rank_ratio": 0.75}, tau=0.0)
+    assert policy.compress_params["rank_ratio"] == 0.75
+    assert policy.selector_params["pair_layer_equiv"] == 1.5
+    # 4 pairs that each store 1.5 layers save 2 layers: 30 / 28
+    assert policy.selector_params["target_ratio"] == pytest.approx(30 / 28)
+    from krul.selector import SelectionInput, make_selector
+    import torch
+
+    sel = make_selector("krul", **policy.selector_params)
+    stats = SelectionInput(distances=torch.rand(30, 30), boundary_ratio=torch.ones(30), n_layers=30)
+    assert len(sel.select(stats).pairs) == 4

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from krul.compression import CompressedPair, compress_pair, full_nbytes, merge_pair, share_pair
+from krul.compression import (CompressedPair, compress_pair, full_nbytes, merge_pair, share_pair,
+                              svd_pair, svd_rank)
 
 B, H, T, D = 1, 4, 200, 64
 
@@ -117,25 +118,25 @@ def test_nbytes_exact_and_below_two_layers():
     assert s.nbytes() == full_nbytes(kv_a) == two_layers // 2
 
 
-@pytest.mark.parametrize("method", ["share", "merge"])
+@pytest.mark.parametrize("method", ["share", "merge", "svd"])
 @pytest.mark.parametrize("start", [0, 1, 37, 100, T - 1, T])
 def test_crop_left_equals_sliced_expand(method, start):
     """crop_left(start).expand() equals expand() sliced to tokens [start:]."""
     kv_a, kv_b = correlated_pair(7)
-    p = compress_pair(method, kv_a, kv_b, 3, 4, **({"retain_ratio": 0.1} if method == "merge" else {}))
+    p = compress_pair(method, kv_a, kv_b, 3, 4, **({"retain_ratio": 0.1} if method != "share" else {}))
     c = p.crop_left(start)
     assert c.n_tokens() == T - start
     full, cropped = p.expand(), c.expand()
     for side in range(2):
         for j in range(2):
             assert torch.equal(cropped[side][j], full[side][j][:, :, start:])
-    if method == "merge":
+    if method != "share":
         assert torch.all(c.data["retain_idx"] >= 0)
         assert c.data["retain_idx"].dtype == torch.int32
     assert c.nbytes() <= p.nbytes()
 
 
-@pytest.mark.parametrize("method", ["share", "merge"])
+@pytest.mark.parametrize("method", ["share", "merge", "svd"])
 def test_tensors_round_trip(method):
     """tensors() + meta() -> from_tensors rebuilds an identical pair (string meta accepted)."""
     kv_a, kv_b = correlated_pair(8)
@@ -164,7 +165,7 @@ def test_bf16_input(method):
 def test_empty_token_range():
     """A zero-token segment compresses, counts bytes and expands to empty tensors."""
     kv_a, kv_b = kv(10, (B, H, 0, D)), kv(11, (B, H, 0, D))
-    for method in ("share", "merge"):
+    for method in ("share", "merge", "svd"):
         p = compress_pair(method, kv_a, kv_b, 0, 1)
         assert p.n_tokens() == 0 and p.nbytes() == 0
         (k_a, _), (k_b, _) = p.expand()
@@ -220,3 +221,90 @@ def test_merge_keeps_sink_tokens_exact_by_absolute_position():
             assert torch.equal(ka[:, :, i], kv_a[0][:, :, i]) and torch.equal(vb[:, :, i], kv_b[1][:, :, i])
     with pytest.raises(ValueError, match="sink_tokens"):
         merge_pair(kv_a, kv_b, 0, 1, sink_tokens=-1)
+
+
+def low_rank_pair(rank, seed=0, noise=0.0, shape=(B, H, T, D), dtype=torch.float32):
+    """Two layers whose token vectors (all heads, both layers) span `rank` shared directions,
+    each layer through its own unrelated map (their per-token angles are ~pi/2), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, t, d = shape
+    out = []
+    for _ in range(2):  # K, V
+        z = torch.randn(b, t, rank, generator=g)
+        x = z @ torch.randn(rank, 2 * h * d, generator=g) + noise * torch.randn(b, t, 2 * h * d, generator=g)
+        out.append([x[..., i * h * d:(i + 1) * h * d].reshape(b, t, h, d).permute(0, 2, 1, 3).to(dtype)
+                    for i in range(2)])
+    (k_a, k_b), (v_a, v_b) = out
+    return (k_a.contiguous(), v_a.contiguous()), (k_b.contiguous(), v_b.contiguous())
+
+
+def test_svd_rank_fits_the_byte_fraction():
+    """Coefficients + basis stay within rank_ratio of the exact elements; rank >= 1, <= min(n, width)."""
+    for n in (1, 5, 64, 200, 5000):
+        for width in (128, 512):
+            for f in (0.25, 0.5, 0.75, 1.0):
+                r = svd_rank(n, width, f)
+                assert 1 <= r <= min(n, width)
+                if r > 1:
+                    assert r * (n + width) <= f * n * width + 1e-6
+    assert svd_rank(0, 512, 0.5) == 0
+
+
+def test_svd_exact_on_shared_low_rank_layers():
+    """Layers that are near-orthogonal per token (a merge loses ~77%) but share a rank-8 token
+    subspace are reconstructed exactly by one rank >= 8 token tensor."""
+    kv_a, kv_b = low_rank_pair(8)
+    p = svd_pair(kv_a, kv_b, 2, 9, rank_ratio=0.5, sink_tokens=0)
+    assert p.rank >= 8
+    (k_a, v_a), (k_b, v_b) = p.expand()
+    for x, ref in ((k_a, kv_a[0]), (v_a, kv_a[1]), (k_b, kv_b[0]), (v_b, kv_b[1])):
+        assert rel_err(x, ref) < 1e-5
+    merged = merge_pair(kv_a, kv_b, 2, 9, retain_ratio=0.0).expand()
+    assert rel_err(merged[0][0], kv_a[0]) > 0.5
+
+
+@pytest.mark.parametrize("rank_ratio", [0.25, 0.5, 0.75])
+def test_svd_error_is_the_tail_singular_mass(rank_ratio):
+    """The joint relative error over the fitted tokens equals the tail singular-value mass of the
+    concatenated [layer a | layer b] token matrix (Eckart-Young), computed independently."""
+    kv_a, kv_b = low_rank_pair(40, seed=3, noise=0.3)
+    p = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=rank_ratio, sink_tokens=0)
+    (k_a, _), (k_b, _) = p.expand()
+    flat = lambda x: x.permute(0, 2, 1, 3).reshape(B, T, -1).double()
+    ref = torch.cat([flat(kv_a[0]), flat(kv_b[0])], -1)
+    got = torch.cat([flat(k_a), flat(k_b)], -1)
+    s = torch.linalg.svdvals(ref[0])
+    tail = float((s[p.rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    assert rel_err(got, ref) == pytest.approx(tail, rel=1e-3, abs=1e-5)
+    assert p.rank == svd_rank(T, 2 * H * D, rank_ratio)
+
+
+def test_svd_sink_and_retained_tokens_exact_and_bytes_counted():
+    """Sink tokens (absolute positions) and retained tokens come back bit-exact; the stored bytes
+    are the coefficients, bases, indices and exact tokens, within rank_ratio of the pair plus
+    the exact tokens."""
+    kv_a, kv_b = low_rank_pair(40, seed=4, noise=0.5)
+    kv_a[0][:, :, :3] *= 30  # a sink-like outlier
+    p = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.5, sink_tokens=3, retain_ratio=0.05)
+    idx = p.data["retain_idx"].long()
+    assert idx[:3].tolist() == [0, 1, 2] and idx.numel() == 3 + math.ceil(0.05 * (T - 3))
+    (k_a, v_a), (k_b, v_b) = p.expand()
+    for x, ref in ((k_a, kv_a[0]), (v_a, kv_a[1]), (k_b, kv_b[0]), (v_b, kv_b[1])):
+        assert torch.equal(x[:, :, idx], ref[:, :, idx])
+    exact_pair = full_nbytes(kv_a) + full_nbytes(kv_b)
+    per_token = exact_pair / T
+    assert p.nbytes() <= 0.5 * exact_pair + idx.numel() * (per_token + 4)
+    # sinks by absolute position: a later segment (offset past them) keeps none
+    later = svd_pair(kv_a, kv_b, 0, 1, sink_tokens=3, offset=3)
+    assert later.data["retain_idx"].numel() == 0
+
+
+def test_svd_bf16_and_invalid_arguments():
+    kv_a, kv_b = low_rank_pair(8, seed=5, dtype=torch.bfloat16)
+    p = svd_pair(kv_a, kv_b, 0, 1)
+    assert all(t.dtype == torch.bfloat16 for n, t in p.tensors().items() if n != "retain_idx")
+    assert rel_err(p.expand()[1][1], kv_b[1]) < 0.02
+    with pytest.raises(ValueError, match="rank_ratio"):
+        svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.0)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        svd_pair(kv_a, kv_b, 0, 1, sink_tokens=-1)

@@ -108,3 +108,28 @@ def test_compressed_pairs_in_state_count_their_bytes():
     assert state.kv_bytes() < sum(k.numel() * 4 * 2 for k, _ in kv)
     loaded = load_layers(state, torch.device("cpu"))
     assert loaded[3][0].shape == kv[3][0].shape
+
+
+def test_svd_segments_keep_the_sink_once_and_survive_the_disk_tier(tmp_path):
+    """Per-segment svd: turn 1's segment keeps absolute position 0 exact, turn 2's new segment
+    (offset 10) keeps none, the old segment stays as stored, and the disk tier reads it all back."""
+    kv1 = _kv(n=10)
+    s1 = build_state(FP, torch.arange(10), kv1, [0] * 4, None, pairs=[(1, 3)], method="svd",
+                     compress_kwargs={"rank_ratio": 0.5, "sink_tokens": 1})
+    kv2 = [(torch.cat([k, k2], 2), torch.cat([v, v2], 2)) for (k, v), (k2, v2) in zip(kv1, _kv(n=6, seed=1))]
+    s2 = build_state(FP, torch.arange(16), kv2, [0] * 4, s1, pairs=[(1, 3)], method="svd",
+                     compress_kwargs={"rank_ratio": 0.5, "sink_tokens": 1})
+    segs = sorted((it.start, it.payload.data["retain_idx"].tolist()) for it in s2.items if it.layers == (1, 3))
+    assert segs == [(0, [0]), (10, [])]
+    old = [it for it in s1.items if it.layers == (1, 3)][0].payload
+    kept = [it for it in s2.items if it.layers == (1, 3) and it.start == 0][0].payload
+    assert torch.equal(kept.data["k_coef"], old.data["k_coef"])  # never re-compressed
+    loaded = load_layers(s2, torch.device("cpu"))
+    assert torch.equal(loaded[1][0][:, :, 0], kv2[1][0][:, :, 0])
+    assert torch.equal(loaded[0][0], kv2[0][0]) and torch.equal(loaded[2][1], kv2[2][1])
+    store = DiskStore(tmp_path)
+    store.put("c/2", s2)
+    back = load_layers(store.get("c/2"), torch.device("cpu"))
+    for l in range(4):
+        assert torch.equal(back[l][0], loaded[l][0]) and torch.equal(back[l][1], loaded[l][1])
+    assert store.get("c/2").kv_bytes() == s2.kv_bytes()
