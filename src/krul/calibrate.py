@@ -221,6 +221,7 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
     adjacent pairs; krul-fix / krul-fix-svd / kvsharer: the first k of the fixed plans calibrated on
     dev (`cal`). svd policies at `rank_ratio` (default: the calibration's, else the registry's)."""
     from krul.policies import get_policy, with_rank_ratio
+    from krul.selector import pair_ratio
 
     policy = get_policy(name, recompute_ratio=0.0)
     if policy.selector_params.get("method") == "svd":
@@ -228,8 +229,6 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
         if rank_ratio is not None:
             policy = with_rank_ratio(policy, rank_ratio)
     params = dict(policy.selector_params)
-    from krul.selector import pair_ratio
-
     ratio = pair_ratio(n_layers, k, float(params.get("pair_layer_equiv", 1.0)))
     if policy.selector == "krul":
         params.update(tau=tau, target_ratio=ratio)
@@ -416,6 +415,13 @@ def main(argv=None) -> int:
     if argv and argv[0] == "table":
         for path in argv[1:]:
             print(curve_table(json.loads(Path(path).read_text())))
+        return 0
+    if argv and argv[0] == "plot":  # plot OUT.png RECORD.json [RECORD.json ...]: overlay curve records
+        from krul.plotting import plot_calibration_curves
+
+        if len(argv) < 3:
+            raise SystemExit("usage: python -m krul.calibrate plot OUT.png CURVES.json [CURVES.json ...]")
+        plot_calibration_curves(*[json.loads(Path(f).read_text()) for f in argv[2:]]).savefig(argv[1], dpi=130)
         return 0
     p = argparse.ArgumentParser(prog="python -m krul.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")

@@ -245,12 +245,18 @@ def plot_fig9_history_length(df: pd.DataFrame):
     return g.figure
 
 
-def plot_calibration_curves(record: dict):
-    """nll ratio (paired 95% CI) against measured compression ratio, one line per policy, from a
-    `krul.calibrate.curves` record."""
+def plot_calibration_curves(record: dict, *more: dict):
+    """nll ratio (paired 95% CI) against measured compression ratio, one line per policy, from one
+    or more `krul.calibrate.curves` records of the same model, split and conversations (a policy's
+    points from several records join into one line)."""
+    for other in more:
+        if (other["model"], other["split"], other["conversations"]) != (
+                record["model"], record["split"], record["conversations"]):
+            raise ValueError("curve records to overlay must share model, split and conversations")
+    points = [p for r in (record, *more) for p in r["points"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in dict.fromkeys(p["policy"] for p in record["points"]):
-        pts = sorted((p for p in record["points"] if p["policy"] == name), key=lambda p: p["n_pairs"])
+    for name in dict.fromkeys(p["policy"] for p in points):
+        pts = sorted((p for p in points if p["policy"] == name), key=lambda p: p["compression_ratio"])
         y = [p["nll_ratio"] for p in pts]
         err = [[p["nll_ratio"] - p["nll_ratio_lo"] for p in pts], [p["nll_ratio_hi"] - p["nll_ratio"] for p in pts]]
         ax.errorbar([p["compression_ratio"] for p in pts], y, yerr=err, marker="o", capsize=3, label=name)

@@ -1,4 +1,5 @@
 """Figures draw this run beside committed reference runs with the same settings."""
+import pytest
 import matplotlib
 
 matplotlib.use("Agg")
@@ -18,3 +19,22 @@ def test_fig4_draws_two_runs_with_the_same_settings():
     fig = plot_fig4_accuracy(pd.DataFrame(rows))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert len(labels) == 2 and all("sharegpt" in t for t in labels)
+
+
+def test_calibration_curves_overlay_joins_a_policys_points_and_refuses_other_conversations():
+    from krul.plotting import plot_calibration_curves
+
+    def rec(points, convs=("a", "b")):
+        return {"model": "m", "split": "test", "conversations": list(convs), "points": [
+            {"policy": p, "n_pairs": k, "compression_ratio": c, "nll_ratio": y, "nll_ratio_lo": y - 0.01,
+             "nll_ratio_hi": y + 0.01} for p, k, c, y in points]}
+
+    merge = rec([("krul", 1, 1.03, 1.02), ("krul", 4, 1.13, 1.2)])
+    svd = rec([("krul-svd", 4, 1.15, 1.004), ("krul", 8, 1.3, 1.5)])
+    fig = plot_calibration_curves(merge, svd)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    lines = {label: h.lines[0] for h, label in zip(handles, labels) if hasattr(h, "lines")}
+    assert list(lines["krul"].get_xdata()) == [1.03, 1.13, 1.3]  # one line, ordered by compression
+    assert list(lines["krul-svd"].get_ydata()) == [1.004]
+    with pytest.raises(ValueError, match="share model"):
+        plot_calibration_curves(merge, rec([], convs=("c",)))
