@@ -306,7 +306,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
             g = json.loads(line)
             same = (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
                     and g.get("tau") == tau and g.get("calibration") == cal_path.name
-                    and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal))
+                    and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal)
+                    and _compress_for(g["policy"], rank_ratio, cal) in (None, g.get("compress")))
             if same:
                 done[(g["policy"], g["n_pairs"])] = g
     todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
@@ -317,7 +318,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
             policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
             point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
-                         rank_ratio=_rank_for(name, rank_ratio, cal))
+                         rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params))
             points.append(point)
             with open(partial, "a") as f:
                 f.write(json.dumps(point) + "\n")
@@ -343,6 +344,17 @@ def _rank_for(name: str, rank_ratio: float | None, cal: dict) -> float | None:
     if rank_ratio is not None:
         return float(rank_ratio)
     return float(cal["rank_ratio"]) if cal.get("rank_ratio") is not None else float(policy.compress_params["rank_ratio"])
+
+
+def _compress_for(name: str, rank_ratio: float | None, cal: dict) -> dict | None:
+    """The compression parameters a curve point of policy `name` runs with (svd policies only:
+    older points of the other policies carry none and still resume)."""
+    from krul.policies import get_policy, with_rank_ratio
+
+    policy = get_policy(name)
+    if policy.selector_params.get("method") != "svd":
+        return None
+    return dict(with_rank_ratio(policy, _rank_for(name, rank_ratio, cal)).compress_params)
 
 
 def _provenance() -> dict:

@@ -331,7 +331,7 @@ def _flat(x: Tensor) -> Tensor:
 
 def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: int, layer_b: int,
              rank_ratio: float = 0.625, sink_tokens: int = 1, retain_ratio: float = 0.0,
-             offset: int = 0) -> CompressedPair:
+             offset: int = 0, value_share: float = 0.5, retain_by: str = "relative") -> CompressedPair:
     """Cross-layer joint low-rank compression (after xKV, Chang et al. 2025, arXiv 2503.18893).
 
     For K and for V separately, each token's vectors of both layers (all heads) are concatenated
@@ -370,17 +370,24 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
     n_sink = max(0, min(n_tokens, sink_tokens - offset))
     data: dict[str, Tensor] = {}
     errors = []
+    if not 0.0 < value_share < 1.0:
+        raise ValueError(f"value_share must be in (0, 1); got {value_share}")
+    if retain_by not in ("relative", "absolute"):
+        raise ValueError(f"retain_by must be 'relative' or 'absolute'; got {retain_by!r}")
     for kv, x_a, x_b in (("k", kv_a[0], kv_b[0]), ("v", kv_a[1], kv_b[1])):
         x = torch.cat([_flat(x_a.detach().to(work)), _flat(x_b.detach().to(work))], dim=-1)
         width = x.shape[-1]
-        rank = svd_rank(n_tokens - n_sink, width, rank_ratio)
+        share = 2.0 * (value_share if kv == "v" else 1.0 - value_share)  # of the K+V budget
+        rank = svd_rank(n_tokens - n_sink, width, min(1.0, rank_ratio * share))
         fit = x[:, n_sink:]
         if rank:
             basis = torch.linalg.svd(fit, full_matrices=False).Vh[:, :rank]  # (batch, r, width)
         else:
             basis = x.new_zeros(x.shape[0], 0, width)
         coef = x @ basis.transpose(1, 2)
-        resid = (x - coef @ basis).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(_EPS)
+        resid = (x - coef @ basis).pow(2).sum(-1)
+        if retain_by == "relative":
+            resid = resid / x.pow(2).sum(-1).clamp_min(_EPS)
         errors.append(resid.mean(0))  # (tokens,)
         data[f"{kv}_coef"] = coef.to(dtype)
         data[f"{kv}_basis"] = basis.to(dtype)

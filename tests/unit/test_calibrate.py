@@ -19,9 +19,9 @@ def test_curve_policy_loads_everything_and_targets_k_pairs(name):
         assert params["target_ratio"] == pytest.approx(30 / 28)
     elif name == "krul-fix":
         assert params["pairs"] == ((6, 7), (4, 5)) and params["method"] == "merge"
-    elif name == "krul-svd":  # a pair stores 2 * rank_ratio (0.5) layers: saves 1 layer, as share
+    elif name == "krul-svd":  # a pair stores 2 * (rank_ratio + retain_ratio) layers
         assert params["tau"] == 0.25 and params["method"] == "svd"
-        assert params["target_ratio"] == pytest.approx(30 / 28)
+        assert params["target_ratio"] == pytest.approx(30 / (30 - 2 * (2 - params["pair_layer_equiv"])))
     elif name == "krul-fix-svd":
         assert params["pairs"] == ((6, 7), (4, 5)) and params["method"] == "svd"
     else:
@@ -52,9 +52,10 @@ def test_curve_table_marks_points_within_tolerance():
 def test_svd_curve_policy_follows_the_rank_ratio():
     policy = curve_policy("krul-svd", 4, 30, {**CAL, "rank_ratio": 0.75}, tau=0.0)
     assert policy.compress_params["rank_ratio"] == 0.75
-    assert policy.selector_params["pair_layer_equiv"] == 1.5
-    # 4 pairs that each store 1.5 layers save 2 layers: 30 / 28
-    assert policy.selector_params["target_ratio"] == pytest.approx(30 / 28)
+    retain = policy.compress_params["retain_ratio"]
+    assert policy.selector_params["pair_layer_equiv"] == pytest.approx(2 * (0.75 + retain))
+    # 4 pairs that each store 2 * (0.75 + retain) layers
+    assert policy.selector_params["target_ratio"] == pytest.approx(30 / (30 - 4 * (0.5 - 2 * retain)))
     from krul.selector import SelectionInput, make_selector
     import torch
 

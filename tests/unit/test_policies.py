@@ -11,11 +11,12 @@ def test_svd_policies_are_registered_with_their_pair_size():
         assert p.selector_params["method"] == "svd" and 0 < p.compress_params["rank_ratio"] <= 1
     krul_svd = POLICIES["krul-svd"]
     assert krul_svd.needs_estimator
-    assert krul_svd.selector_params["pair_layer_equiv"] == pytest.approx(2 * krul_svd.compress_params["rank_ratio"])
+    c = krul_svd.compress_params
+    assert krul_svd.selector_params["pair_layer_equiv"] == pytest.approx(2 * (c["rank_ratio"] + c["retain_ratio"]))
 
 
 def test_with_rank_ratio_moves_both_knobs_and_refuses_other_methods():
-    p = with_rank_ratio(get_policy("krul-svd"), 0.75)
+    p = with_rank_ratio(get_policy("krul-svd").with_params(compress_params={"retain_ratio": 0.0}), 0.75)
     assert p.compress_params["rank_ratio"] == 0.75 and p.selector_params["pair_layer_equiv"] == 1.5
     with pytest.raises(PolicyError, match="svd"):
         with_rank_ratio(get_policy("krul"), 0.5)
