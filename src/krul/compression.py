@@ -356,6 +356,8 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
     sink_tokens : int >= 0  leading absolute positions kept exact
     retain_ratio : float in [0, 1]  fraction of worst-reconstructed tokens kept exact
     offset : int >= 0  absolute position of the segment's first token
+    value_share : float in (0, 1)  V's share of the K+V rank budget (0.5: equal ranks)
+    retain_by : "relative" | "absolute"  retention score: relative or absolute squared residual
     """
     if not 0.0 < rank_ratio <= 1.0:
         raise ValueError(f"rank_ratio must be in (0, 1]; got {rank_ratio}")

@@ -308,3 +308,15 @@ def test_svd_bf16_and_invalid_arguments():
         svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.0)
     with pytest.raises(ValueError, match="sink_tokens"):
         svd_pair(kv_a, kv_b, 0, 1, sink_tokens=-1)
+
+
+def test_svd_value_share_splits_the_rank_budget_and_options_are_checked():
+    kv_a, kv_b = low_rank_pair(40, seed=6, noise=0.3)
+    even = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.4)
+    more_v = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.4, value_share=0.6)
+    assert even.data["k_coef"].shape[-1] == even.data["v_coef"].shape[-1]
+    assert more_v.data["v_coef"].shape[-1] > even.data["v_coef"].shape[-1] > more_v.data["k_coef"].shape[-1]
+    with pytest.raises(ValueError, match="value_share"):
+        svd_pair(kv_a, kv_b, 0, 1, value_share=1.0)
+    with pytest.raises(ValueError, match="retain_by"):
+        svd_pair(kv_a, kv_b, 0, 1, retain_by="norm")
