@@ -253,10 +253,13 @@ def plot_calibration_curves(record: dict, *more: dict):
         if (other["model"], other["split"], other["conversations"]) != (
                 record["model"], record["split"], record["conversations"]):
             raise ValueError("curve records to overlay must share model, split and conversations")
+    def label(p):  # svd points run at a rank ratio: one line per (policy, rank ratio)
+        return p["policy"] + (f" (rank {p['rank_ratio']:g})" if p.get("rank_ratio") is not None else "")
+
     points = [p for r in (record, *more) for p in r["points"]]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in dict.fromkeys(p["policy"] for p in points):
-        pts = sorted((p for p in points if p["policy"] == name), key=lambda p: p["compression_ratio"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in dict.fromkeys(label(p) for p in points):
+        pts = sorted((p for p in points if label(p) == name), key=lambda p: p["compression_ratio"])
         y = [p["nll_ratio"] for p in pts]
         err = [[p["nll_ratio"] - p["nll_ratio_lo"] for p in pts], [p["nll_ratio_hi"] - p["nll_ratio"] for p in pts]]
         ax.errorbar([p["compression_ratio"] for p in pts], y, yerr=err, marker="o", capsize=3, label=name)

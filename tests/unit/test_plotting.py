@@ -31,10 +31,11 @@ def test_calibration_curves_overlay_joins_a_policys_points_and_refuses_other_con
 
     merge = rec([("krul", 1, 1.03, 1.02), ("krul", 4, 1.13, 1.2)])
     svd = rec([("krul-svd", 4, 1.15, 1.004), ("krul", 8, 1.3, 1.5)])
+    svd["points"][0]["rank_ratio"] = 0.47
     fig = plot_calibration_curves(merge, svd)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     lines = {label: h.lines[0] for h, label in zip(handles, labels) if hasattr(h, "lines")}
     assert list(lines["krul"].get_xdata()) == [1.03, 1.13, 1.3]  # one line, ordered by compression
-    assert list(lines["krul-svd"].get_ydata()) == [1.004]
+    assert list(lines["krul-svd (rank 0.47)"].get_ydata()) == [1.004]
     with pytest.raises(ValueError, match="share model"):
         plot_calibration_curves(merge, rec([], convs=("c",)))
