@@ -2,9 +2,9 @@
 
 Usage: python experiments/calibration/svd_variants.py MODEL N_CONVERSATIONS N_PAIRS 'JSON' ['JSON' ...]
 Each JSON overrides the policy's compress_params (rank_ratio, sink_tokens, retain_ratio, value_share,
-retain_by); one base pass, then one replay per variant at tau 0, recompute ratio 0.
-Output of the runs quoted in REPRODUCE.md: smollm2-135m.svd-variants.dev.jsonl (the code then
-defaulted to rank_ratio 0.5, sink_tokens 1, retain_ratio 0).
+retain_by; and "selector": selector params such as min_layer); one base pass, then one replay per variant at tau 0, recompute ratio 0.
+Output of the runs quoted in REPRODUCE.md: smollm2-135m.svd-variants.dev.jsonl (the first eight lines ran when
+the code defaulted to retain_ratio 0; the last three with retain_ratio 0.03).
 """
 import json, sys, torch
 from krul import models
@@ -19,6 +19,8 @@ for spec in sys.argv[4:]:
     kw = json.loads(spec)
     rr = kw.pop("rank_ratio", 0.5)
     pol = grid_policy("krul-svd", 0.0, k, ad.n_layers, rr)
-    pol = pol.with_params(compress_params={**pol.compress_params, **kw})
+    sel = kw.pop("selector", {})
+    pol = pol.with_params(compress_params={**pol.compress_params, **kw},
+                          selector_params={**pol.selector_params, **sel})
     pt = curve_point(ad, pol, convs, records, base_rows, 3)
-    print(json.dumps({"rank_ratio": rr, **kw, "pairs": k, **{x: round(pt[x], 4) for x in ("compression_ratio", "nll_ratio", "nll_ratio_lo", "nll_ratio_hi")}}), flush=True)
+    print(json.dumps({"rank_ratio": rr, **kw, "selector": sel, "pairs": k, **{x: round(pt[x], 4) for x in ("compression_ratio", "nll_ratio", "nll_ratio_lo", "nll_ratio_hi")}}), flush=True)
