@@ -148,8 +148,11 @@ def with_rank_ratio(policy: "RestorePolicy", rank_ratio: float) -> "RestorePolic
     2 * (rank_ratio + retain_ratio) layers)."""
     if policy.selector_params.get("method") != "svd":
         raise PolicyError(f"policy {policy.name!r} does not compress with svd; rank_ratio is for svd")
+    compress = {**policy.compress_params, "rank_ratio": rank_ratio}
+    if policy.selector != "krul":  # fixed plans name their pairs: no pair size to follow
+        return policy.with_params(compress_params=compress)
     equiv = 2.0 * (rank_ratio + policy.compress_params.get("retain_ratio", 0.0))
-    return policy.with_params(compress_params={**policy.compress_params, "rank_ratio": rank_ratio},
+    return policy.with_params(compress_params=compress,
                               selector_params={**policy.selector_params, "pair_layer_equiv": equiv})
 
 

@@ -32,3 +32,11 @@ def test_load_bytes_per_token_for_svd_pairs():
 def test_n_pairs_for_ratio_inverts_pair_ratio(equiv):
     for k in range(0, 16):
         assert n_pairs_for_ratio(30, pair_ratio(30, k, equiv), equiv) == k
+
+
+def test_with_rank_ratio_on_a_fixed_plan_builds_its_selector():
+    from krul.selector import make_selector
+
+    p = with_rank_ratio(get_policy("krul-fix-svd"), 0.6)
+    assert p.compress_params["rank_ratio"] == 0.6
+    make_selector(p.selector, **p.selector_params)  # no pair_layer_equiv for a fixed plan
