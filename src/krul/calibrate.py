@@ -225,9 +225,7 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
 
     policy = get_policy(name, recompute_ratio=0.0)
     if policy.selector_params.get("method") == "svd":
-        rank_ratio = rank_ratio if rank_ratio is not None else cal.get("rank_ratio")
-        if rank_ratio is not None:
-            policy = with_rank_ratio(policy, rank_ratio)
+        policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
     params = dict(policy.selector_params)
     ratio = pair_ratio(n_layers, k, float(params.get("pair_layer_equiv", 1.0)))
     if policy.selector == "krul":
