@@ -403,6 +403,102 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
     return CompressedPair("svd", layer_a, layer_b, data)
 
 
+def svd_pair_losses(kvs: list[tuple[Tensor, Tensor]], rank_ratio: float = 0.625, sink_tokens: int = 1,
+                    offset: int = 0, value_share: float = 0.5, layers=None, basis_dim: int | None = None,
+                    reduce: str = "joint", chunk: int = 32) -> Tensor:
+    """What `svd_pair` would lose on every pair of layers, from the joint spectra (nothing stored).
+
+    For a pair (a, b) and for K and V separately, X = [X_a | X_b] (fit tokens: the segment without
+    its sink positions) is what `svd_pair` factors at rank r = `svd_rank(tokens, width, ...)`; by
+    Eckart-Young its relative squared Frobenius error is the tail of the eigenvalues of X^T X
+    beyond r over their sum ("joint"). A layer with a small norm can hide behind its partner in
+    that fraction, so `reduce="none"` gives each layer's own relative error under the same basis
+    B = [B_a; B_b] (the top-r eigenvectors, eigenvalues l_i),
+    ||X_a - X B B_a^T||^2 = ||X_a||^2 - sum_i l_i ||B_a[:, i]||^2, in entry [a, b] (layer a's error
+    when paired with b: not symmetric), and `reduce="layers"` the mean of the two. Every loss is the
+    mean over K and V (and the batch). Retained exact tokens (`retain_ratio`) are not modelled: they
+    only lower the real error.
+
+    Cost: each layer's X_l is first rotated onto its own principal axes, P_l = X_l V_l (tokens, k),
+    keeping the top `basis_dim` = k of its w = kv_heads * head_dim axes (default all: exact); one
+    product P^T P of all layers then gives every pair's (2k x 2k) Gram, one eigvalsh each. With
+    k < w the captured energy can only be underestimated, so the loss is an upper bound of the
+    exact one (tight when the layers' spectra beyond k are small).
+
+    Parameters
+    ----------
+    kvs : per layer (keys, values), each (batch, kv_heads, tokens, head_dim): one segment
+    rank_ratio, sink_tokens, offset, value_share : as in `svd_pair`
+    layers : layer indices whose pairs to score (default all); other entries are NaN
+    basis_dim : principal axes kept per layer (None or >= w: exact)
+    reduce : "joint" (the pair's relative error) | "layers" (mean of the two layers' relative errors)
+        | "none" (each layer's relative error, [a, b] for layer a)
+    chunk : pairs per batched eigendecomposition
+
+    Returns
+    -------
+    (n_layers, n_layers) float64, symmetric unless `reduce="none"`; NaN on the diagonal, off
+    `layers`, and for segments with no fit tokens.
+    """
+    if reduce not in ("joint", "layers", "none"):
+        raise ValueError(f"reduce must be 'joint', 'layers' or 'none'; got {reduce!r}")
+    n_layers = len(kvs)
+    out = torch.full((n_layers, n_layers), float("nan"), dtype=torch.float64)
+    layers = sorted(set(range(n_layers) if layers is None else (int(l) for l in layers)))
+    if any(not 0 <= l < n_layers for l in layers):
+        raise ValueError(f"layers {layers} out of range for {n_layers} layers")
+    pairs = [(a, b) for i, a in enumerate(layers) for b in layers[i + 1:]]
+    if not pairs:
+        return out
+    batch, heads, n_tokens, head_dim = kvs[0][0].shape
+    n_sink = max(0, min(n_tokens, sink_tokens - offset))
+    n_fit = n_tokens - n_sink
+    if n_fit <= 0:
+        return out
+    w = heads * head_dim
+    k = w if basis_dim is None else max(1, min(int(basis_dim), w))
+    pos = {l: i for i, l in enumerate(layers)}
+    loss = torch.zeros(len(pairs), 2, dtype=torch.float64)  # per pair: layer a's, layer b's share
+    for which in (0, 1):  # K, then V
+        share = 2.0 * (value_share if which == 1 else 1.0 - value_share)
+        rank = svd_rank(n_fit, 2 * w, min(1.0, rank_ratio * share))
+        for bi in range(batch):
+            proj, energy = [], []
+            for l in layers:
+                x = _flat(kvs[l][which][bi:bi + 1, :, n_sink:].detach().double())[0]  # (fit, w)
+                vecs = torch.linalg.eigh(x.T @ x).eigenvectors[:, w - k:]  # top-k axes, (w, k)
+                proj.append(x @ vecs)
+                energy.append(x.pow(2).sum())
+            p = torch.cat(proj, -1)
+            gram = (p.T @ p).reshape(len(layers), k, len(layers), k)
+            energy = torch.stack(energy)
+            for c in range(0, len(pairs), chunk):
+                part = pairs[c:c + chunk]
+                ia = torch.tensor([pos[a] for a, _ in part])
+                ib = torch.tensor([pos[b] for _, b in part])
+                m = torch.cat([torch.cat([gram[ia, :, ia], gram[ia, :, ib]], -1),
+                               torch.cat([gram[ib, :, ia], gram[ib, :, ib]], -1)], -2)
+                top = max(0, 2 * k - rank)
+                if reduce == "joint":
+                    ev = torch.linalg.eigvalsh(m).clamp_min(0.0)  # ascending, (chunk, 2k)
+                    total = energy[ia] + energy[ib]
+                    frac = (total - ev[:, top:].sum(-1)).clamp_min(0.0) / total.clamp_min(_EPS)
+                    frac = torch.stack([frac, frac], -1)
+                else:
+                    ev, vec = torch.linalg.eigh(m)
+                    ev, vec = ev[:, top:].clamp_min(0.0), vec[:, :, top:]  # (chunk, r), (chunk, 2k, r)
+                    frac = torch.stack([(e - (vec[:, rows].pow(2).sum(1) * ev).sum(-1)).clamp_min(0.0)
+                                        / e.clamp_min(_EPS)
+                                        for e, rows in ((energy[ia], slice(0, k)), (energy[ib], slice(k, 2 * k)))], -1)
+                loss[c:c + len(part)] += frac / (2 * batch)
+    for (a, b), (xa, xb) in zip(pairs, loss.tolist()):
+        if reduce == "none":
+            out[a, b], out[b, a] = xa, xb
+        else:
+            out[a, b] = out[b, a] = 0.5 * (xa + xb)
+    return out
+
+
 def _exact_tokens(score: Tensor, n_sink: int, n_retain: int, device) -> Tensor:
     """Ascending indices of the first `n_sink` tokens plus the `n_retain` others of largest score."""
     if n_sink:

@@ -320,3 +320,61 @@ def test_svd_value_share_splits_the_rank_budget_and_options_are_checked():
         svd_pair(kv_a, kv_b, 0, 1, value_share=1.0)
     with pytest.raises(ValueError, match="retain_by"):
         svd_pair(kv_a, kv_b, 0, 1, retain_by="norm")
+
+
+def _measured_loss(kv_a, kv_b, rank_ratio, sink_tokens, offset=0, reduce="joint"):
+    """Mean over K and V of the relative squared error of an svd pair (no retained tokens) on its
+    fit tokens, measured from its expansion: of the pair ("joint") or the mean of each layer's."""
+    p = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=rank_ratio, sink_tokens=sink_tokens, retain_ratio=0.0,
+                 offset=offset)
+    n_sink = max(0, sink_tokens - offset)
+    out = []
+    for got, ref in zip(zip(*p.expand()), zip(kv_a, kv_b)):  # (K of a, K of b), then V
+        num = [float((g - r)[:, :, n_sink:].double().pow(2).sum()) for g, r in zip(got, ref)]
+        den = [float(r[:, :, n_sink:].double().pow(2).sum()) for r in ref]
+        per = [num[0] / den[0], num[1] / den[1]]
+        out.append({"joint": sum(num) / sum(den), "layers": 0.5 * sum(per), "none": per[0]}[reduce])
+    return sum(out) / 2
+
+
+@pytest.mark.parametrize("reduce", ["joint", "layers", "none"])
+@pytest.mark.parametrize("rank_ratio,sink,offset", [(0.3, 1, 0), (0.6, 2, 0), (0.47, 1, 5)])
+def test_svd_pair_losses_equal_what_svd_pair_loses(rank_ratio, sink, offset, reduce):
+    """Every pair's spectral loss is the error svd_pair (float32) really makes on that pair (exact basis),
+    of the pair or per layer; layers of very different norms included."""
+    from krul.compression import svd_pair_losses
+
+    shape = (1, 2, 60, 8)
+    layers = [kv(s, shape) for s in range(3)] + [low_rank_pair(3, seed=7, noise=0.05, shape=shape)[0]]
+    layers[2] = (0.05 * layers[2][0], 3.0 * layers[2][1])
+    losses = svd_pair_losses(layers, rank_ratio=rank_ratio, sink_tokens=sink, offset=offset, reduce=reduce)
+    assert losses.shape == (4, 4) and torch.isnan(losses.diagonal()).all()
+    assert torch.equal(losses.nan_to_num(0), losses.nan_to_num(0).T) == (reduce != "none")
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert float(losses[a, b]) == pytest.approx(
+                _measured_loss(layers[a], layers[b], rank_ratio, sink, offset, reduce), rel=1e-4, abs=1e-8)
+            if reduce == "none":  # layer b's own error when paired with a
+                assert float(losses[b, a]) == pytest.approx(
+                    _measured_loss(layers[b], layers[a], rank_ratio, sink, offset, reduce), rel=1e-4, abs=1e-8)
+
+
+def test_svd_pair_losses_truncated_basis_is_an_upper_bound_and_layers_restrict():
+    from krul.compression import svd_pair_losses
+
+    shape = (1, 2, 80, 16)  # w = 32 axes per layer
+    layers = [low_rank_pair(6, seed=s, noise=0.2, shape=shape)[0] for s in range(4)]
+    exact = svd_pair_losses(layers, rank_ratio=0.4)
+    for k in (8, 16, 24):
+        approx = svd_pair_losses(layers, rank_ratio=0.4, basis_dim=k)
+        off = ~torch.eye(4, dtype=torch.bool)
+        assert (approx[off] >= exact[off] - 1e-9).all()
+    assert torch.allclose(svd_pair_losses(layers, rank_ratio=0.4, basis_dim=32), exact, equal_nan=True)
+    some = svd_pair_losses(layers, rank_ratio=0.4, layers=[1, 3])
+    assert float(some[1, 3]) == pytest.approx(float(exact[1, 3]))
+    assert int((~torch.isnan(some)).sum()) == 2
+    assert torch.isnan(svd_pair_losses(layers[:1], rank_ratio=0.4)).all()
+    with pytest.raises(ValueError, match="out of range"):
+        svd_pair_losses(layers, layers=[0, 7])
+    with pytest.raises(ValueError, match="reduce"):
+        svd_pair_losses(layers, reduce="max")
