@@ -7,8 +7,12 @@ recompute ratio 0, so that only compression can cost quality, and with one gener
 turn (the nll needs no decoding). Calibration picks, on `dev` only, the preemptive threshold tau
 and the largest target ratio whose nll stays within 1% of full KV (upper bound of the paired
 bootstrap interval), plus the single best fixed plans for `krul-fix` (similar first) and
-`kvsharer` (dissimilar first). The result is written to `experiments/calibration/<model>.json`
-and read by `policies.get_policy(..., model=...)`.
+`kvsharer` (dissimilar first). For `krul-svd-loss` (pairs ranked by what svd loses on the
+conversation's own KV) it first measures each layer's nll sensitivity to KV error
+(`layer_sensitivity`), records every turn's pair scores once (`record_pair_losses`, reused by the
+replays like the estimator statistics) and adds the plan of lowest mean score
+(`krul_fix_loss_pairs`, for `krul-fix-svd-loss`). The result is written to
+`experiments/calibration/<model>.json` and read by `policies.get_policy(..., model=...)`.
 
 Usage: `python -m krul.calibrate --model smollm2-135m [--n-conversations 8]`; the curves on test:
 `python -m krul.calibrate curves --model smollm2-135m --split test --n-conversations 30`.
@@ -80,14 +84,140 @@ def base_pass(adapter, conversations, max_turns: int = 3, progress: bool = True)
     return records, rows
 
 
-def replay_with(adapter, policy, conversations, records, max_turns: int = 3, progress: bool = False):
-    """Replay with recorded stats at recompute ratio 0 and one generated token per turn."""
+def segment_ends(tokenizer, conv, max_turns: int = 3) -> list[int]:
+    """Token count of the history after each of the first `max_turns` user turns (reply included):
+    turn t's new segment is [ends[t-1], ends[t]), as the engine offloads it."""
+    msgs = _first_turns(conv, max_turns)
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    cuts = users[1:] + [len(msgs)]
+    return [len(tokenizer.apply_chat_template(msgs[:c], tokenize=True, return_dict=True)["input_ids"])
+            for c in cuts]
+
+
+def record_pair_losses(adapter, policy, conversations, max_turns: int = 3, progress: bool = True) -> dict:
+    """conv id -> per turn the (n_layers, n_layers) svd pair scores of that turn's new segment
+    under `policy` (`RestorePolicy.score_segment`), from one full-KV forward of the conversation's
+    first `max_turns` turns: the causal KV of a prefix is the prefix of the KV."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    for conv in tqdm(conversations, desc="svd pair losses", disable=not progress, leave=False):
+        ends = segment_ends(adapter.tokenizer, conv, max_turns)
+        ids = adapter.tokenizer.apply_chat_template(_first_turns(conv, max_turns), tokenize=True,
+                                                    return_dict=True, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            kvs = adapter.kv_from_cache(adapter.model(ids.to(adapter.device), use_cache=True).past_key_values)
+        mats, start = [], 0
+        for end in ends:
+            seg = [(k[:, :, start:end].cpu(), v[:, :, start:end].cpu()) for k, v in kvs]
+            mats.append(policy.score_segment(seg, offset=start))
+            start = end
+        out[conv.id] = mats
+    return out
+
+
+def _truncate(x: torch.Tensor, rank_ratio: float, n_sink: int) -> tuple[torch.Tensor, float]:
+    """x (1, kv_heads, tokens, head_dim) -> (its own rank-r truncation with the first `n_sink`
+    tokens exact, the relative squared error on the others); r = svd_rank(tokens, width, ratio)."""
+    from krul.compression import svd_rank
+
+    _, h, n, d = x.shape
+    flat = x[0].permute(1, 0, 2).reshape(n, h * d).double()
+    fit = flat[n_sink:]
+    u, sv, vh = torch.linalg.svd(fit, full_matrices=False)
+    r = svd_rank(fit.shape[0], h * d, rank_ratio)
+    approx = (u[:, :r] * sv[:r]) @ vh[:r]
+    err = float((fit - approx).pow(2).sum() / fit.pow(2).sum().clamp_min(1e-30))
+    out = torch.cat([flat[:n_sink], approx]).reshape(n, h, d).permute(1, 0, 2)[None].to(x.dtype)
+    return out.contiguous(), err
+
+
+def layer_sensitivity(adapter, conversations, rank_ratio: float = 0.47, max_turns: int = 3,
+                      sink_tokens: int = 1, progress: bool = True, max_segments: int | None = None) -> dict:
+    """How much reply nll one unit of relative squared KV error costs in each layer, on `dev`.
+
+    For every conversation and turn t >= 2 (of the first `max_turns`), the history through turn
+    t-1 is prefilled exactly; then, for each layer l alone, its history K and V are replaced by
+    their own rank-r truncations (`svd_rank(tokens, width, rank_ratio)`, the first `sink_tokens`
+    exact: the kind of error `svd_pair` makes) and turn t's real reply is scored teacher-forced
+    (at most `max_segments` turns per conversation, the earliest: one model forward per layer and
+    turn is what this costs).
+    weight_l = sum of the nll increase over every reply token / sum of (the layer's relative
+    squared error, mean of K and V) x reply tokens; floored at 1% of the largest weight.
+
+    Returns {"weights": [n_layers], "delta_nll": [n_layers] (per reply token), "error": [n_layers]
+    (token-weighted mean relative squared error), "reply_tokens": int}.
+    """
+    from tqdm.auto import tqdm
+
+    n_layers = adapter.n_layers
+    delta = torch.zeros(n_layers, dtype=torch.float64)
+    err_tokens = torch.zeros(n_layers, dtype=torch.float64)
+    n_reply = 0
+
+    def reply_nll(cache_kv, seg_ids, first_reply):
+        logits = adapter.forward(seg_ids, adapter.cache_from_kv(cache_kv))[0]
+        logp = torch.log_softmax(logits[first_reply - 1:-1].float(), -1)
+        target = seg_ids[0, first_reply:].to(logp.device)
+        return float(-logp.gather(1, target[:, None]).sum())
+
+    for conv in tqdm(conversations, desc="layer sensitivity", disable=not progress, leave=False):
+        msgs = _first_turns(conv, max_turns)
+        ends = segment_ends(adapter.tokenizer, conv, max_turns)
+        ids = torch.tensor([adapter.tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]])
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        for t in range(1, len(ends) if max_segments is None else min(len(ends), 1 + max_segments)):
+            hist = ends[t - 1]
+            ctx = len(adapter.tokenizer.apply_chat_template(msgs[: users[t] + 1], tokenize=True, return_dict=True,
+                                                           add_generation_prompt=True)["input_ids"])
+            seg = ids[:, hist:ends[t]]
+            first_reply = ctx - hist
+            if first_reply < 1 or first_reply >= seg.shape[1]:
+                continue
+            with torch.inference_mode():
+                cache = adapter.model(ids[:, :hist].to(adapter.device), use_cache=True).past_key_values
+                kvs = [(k.clone(), v.clone()) for k, v in adapter.kv_from_cache(cache)]
+                base = reply_nll(kvs, seg, first_reply)
+                tokens = seg.shape[1] - first_reply
+                for l in range(n_layers):
+                    (k_t, e_k), (v_t, e_v) = (_truncate(kvs[l][0], rank_ratio, sink_tokens),
+                                              _truncate(kvs[l][1], rank_ratio, sink_tokens))
+                    layers = list(kvs)
+                    layers[l] = (k_t, v_t)
+                    delta[l] += reply_nll(layers, seg, first_reply) - base
+                    err_tokens[l] += 0.5 * (e_k + e_v) * tokens
+            n_reply += tokens
+    if n_reply == 0:
+        raise ValueError("no reply tokens after turn 1 in these conversations: nothing to measure")
+    weights = (delta / err_tokens.clamp_min(1e-30)).clamp_min(0.0)
+    weights = weights.clamp_min(0.01 * float(weights.max()))
+    return {"weights": weights.tolist(), "delta_nll": (delta / n_reply).tolist(),
+            "error": (err_tokens / n_reply).tolist(), "reply_tokens": n_reply}
+
+
+def mean_pair_losses(losses: dict, conversations, tokenizer, max_turns: int = 3) -> torch.Tensor:
+    """(n_layers, n_layers): the mean over conversations of each one's token-weighted mean
+    segment loss (`record_pair_losses`)."""
+    per = []
+    for conv in conversations:
+        ends = segment_ends(tokenizer, conv, max_turns)
+        w = torch.tensor([e - s for s, e in zip([0] + ends[:-1], ends)], dtype=torch.float64)
+        mats = torch.stack(losses[conv.id])
+        per.append((mats * w[:, None, None]).sum(0) / w.sum())
+    return torch.stack(per).mean(0)
+
+
+def replay_with(adapter, policy, conversations, records, max_turns: int = 3, progress: bool = False,
+                losses: dict | None = None):
+    """Replay with recorded stats (and svd pair losses) at recompute ratio 0 and one generated
+    token per turn."""
     from krul.engine import Engine
     from krul.evaluation import run_policy
     from krul.store import make_store
 
     engine = Engine(adapter, policy, make_store("pageable"), max_new_tokens=1)
     engine.recorded_stats = records
+    engine.recorded_pair_losses = losses
     return run_policy(engine, conversations, max_turns, progress=progress)
 
 
@@ -101,11 +231,11 @@ def per_conv(rows) -> dict:
     return {k: tuple(v) for k, v in out.items() if v[1] > 0}
 
 
-def curve_point(adapter, policy, conversations, records, base_rows, max_turns=3) -> dict:
+def curve_point(adapter, policy, conversations, records, base_rows, max_turns=3, losses=None) -> dict:
     """nll of `policy` vs the base pass (paired bootstrap ratio) and its compression."""
     from krul.evaluation import paired_ratio_ci, summarize
 
-    rows = replay_with(adapter, policy, conversations, records, max_turns)
+    rows = replay_with(adapter, policy, conversations, records, max_turns, losses=losses)
     summary = summarize(rows, adapter.name, policy.name)
     point, lo, hi = paired_ratio_ci(per_conv(rows), per_conv(base_rows))
     return {"policy": policy.name, "nll": summary["nll"], "nll_ratio": point, "nll_ratio_lo": lo,
@@ -130,12 +260,16 @@ def grid_policy(name: str, tau: float, n_pairs: int, n_layers: int, rank_ratio: 
 def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_turns: int = 3,
               taus=None, protect_fractions=(0.0, 0.2, 0.4, 0.6), pair_counts=(1, 2, 4, 6, 8, 10), tolerance: float = 0.01,
               progress: bool = True, policy: str = "krul", rank_ratios=(None,),
-              out: str | Path | None = None) -> dict:
+              out: str | Path | None = None, sensitivity_from: str | Path | None = None,
+              sensitivity_conversations: int | None = None, sensitivity_turns: int | None = None) -> dict:
     """Calibrate tau, the target ratio and the fixed plans on `dev`; write and return the record.
 
     `policy` is "krul" (the paper: merge) or "krul-svd" (then the grid also spans `rank_ratios`);
     the record goes to `out` (default `experiments/calibration/<model>.json`, which the registry
-    reads) and every grid point to `<out stem>.partial.jsonl` as soon as it is measured."""
+    reads) and every grid point to `<out stem>.partial.jsonl` as soon as it is measured. An svd-loss
+    policy's layer sensitivity is measured on the first `sensitivity_conversations` (default all)
+    at up to `sensitivity_turns` turns each, or read from `sensitivity_from` (a JSON with "weights",
+    or an earlier record)."""
     from tqdm.auto import tqdm
 
     from krul import models
@@ -148,6 +282,25 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
     convs = pick_conversations("dev", n_conversations, max_tokens, tok, max_turns)
     records, base_rows = base_pass(adapter, convs, max_turns, progress)
     n_layers = adapter.n_layers
+    from krul.policies import get_policy
+
+    scored = with_rank_ratio_or_self(get_policy(policy), rank_ratios[0])
+    losses = sensitivity = None
+    if scored.pair_score == "svd-loss":  # dev layer weights, then every turn's pair scores
+        if len(rank_ratios) > 1:
+            raise ValueError("calibrating an svd-loss policy takes one rank ratio (its scores depend on it)")
+        if sensitivity_from:  # a measurement made before (its settings must match)
+            sensitivity = json.loads(Path(sensitivity_from).read_text())
+            sensitivity = sensitivity.get("layer_sensitivity_detail", sensitivity)
+            if len(sensitivity["weights"]) != n_layers or sensitivity.get("model", model) != model:
+                raise ValueError(f"{sensitivity_from} holds no {n_layers}-layer sensitivity of {model}")
+        else:
+            sens_convs = convs[:sensitivity_conversations] if sensitivity_conversations else convs
+            sensitivity = layer_sensitivity(adapter, sens_convs, scored.compress_params["rank_ratio"], max_turns,
+                                            scored.compress_params.get("sink_tokens", 1), progress,
+                                            max_segments=sensitivity_turns)
+        scored = scored.with_params(layer_weights=tuple(sensitivity["weights"]))
+        losses = record_pair_losses(adapter, scored, convs, max_turns, progress)
     if taus is None:
         # tau grid from the dev layers' own boundary mass: protect 0%, 20%, 40%, 60% of the layers
         mean_boundary = torch.stack([recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)
@@ -172,7 +325,7 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
                     grid.append(done[key])
                     continue
                 pol = grid_policy(policy, tau, k, n_layers, rank_ratio)
-                point = curve_point(adapter, pol, convs, records, base_rows, max_turns)
+                point = curve_point(adapter, pol, convs, records, base_rows, max_turns, losses)
                 point.update(tau=tau, n_pairs=k, target_ratio=pol.selector_params["target_ratio"],
                              rank_ratio=rank_ratio, conversations=[c.id for c in convs])
                 grid.append(point)
@@ -192,10 +345,18 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
                              if k in ("tau", "target_ratio", "method", "pair_layer_equiv", "preempt")})
     plans = []
     for conv_id, recs in records.items():  # krul's per-conversation plans at the calibrated point
-        plan = chosen.select(SelectionInput.from_stats(recs[-1]))
+        inp = SelectionInput.from_stats(recs[-1])
+        if losses is not None:  # the plan of the conversation's first segment
+            inp = SelectionInput(losses[conv_id][0], inp.boundary_ratio, inp.n_layers)
+        plan = chosen.select(inp)
         plans.append({"model": model, "n_layers": n_layers, "conversation_id": conv_id,
                       "pairs": [list(p) for p in plan.pairs], "sensitive": list(plan.sensitive),
                       "method": plan.method})
+    mean_boundary = torch.stack([recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)
+    loss_pairs = None
+    if losses is not None:  # krul-fix-svd-loss: the plan of lowest mean svd loss over dev
+        mean_loss = SelectionInput(mean_pair_losses(losses, convs, tok, max_turns), mean_boundary, n_layers)
+        loss_pairs = [list(p) for p in calibrate_fixed_pairs([mean_loss], max_k, order="ascending", tau=tau)]
     record = {
         "model": model, "split": "dev", "policy": policy, "conversations": [c.id for c in convs],
         "max_turns": max_turns, "tolerance": tolerance, "tau": tau, "rank_ratio": best_rank,
@@ -203,37 +364,53 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         "n_pairs": best["n_pairs"] if best else 0,
         "krul_fix_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="ascending", tau=tau)],
         "kvsharer_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="descending")],
-        "mean_boundary_ratio": [float(x) for x in torch.stack(
-            [recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)],
+        **({"krul_fix_loss_pairs": loss_pairs, "layer_sensitivity": sensitivity["weights"],
+            "layer_sensitivity_detail": sensitivity} if loss_pairs is not None else {}),
+        "mean_boundary_ratio": [float(x) for x in mean_boundary],
         "plans": plans, "grid": grid, "runtime_s": time.time() - t0, "provenance": _provenance(),
     }
     path.write_text(json.dumps(record, indent=1))
     return record
 
 
-CURVE_POLICIES = ("krul", "minicache", "kvsharer", "krul-fix", "krul-svd", "krul-fix-svd")
+CURVE_POLICIES = ("krul", "minicache", "kvsharer", "krul-fix", "krul-svd", "krul-fix-svd", "krul-svd-loss",
+                  "krul-fix-svd-loss")
+
+
+def with_rank_ratio_or_self(policy, rank_ratio: float | None):
+    """`policies.with_rank_ratio` when a rank ratio is given, else the policy unchanged."""
+    from krul.policies import with_rank_ratio
+
+    return policy if rank_ratio is None else with_rank_ratio(policy, rank_ratio)
 
 
 def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None):
     """Policy `name` compressing `k` layer pairs at recompute ratio 0.
 
-    krul / krul-svd: per-conversation greedy pairs at threshold `tau`; minicache: the k deepest
-    adjacent pairs; krul-fix / krul-fix-svd / kvsharer: the first k of the fixed plans calibrated on
-    dev (`cal`). svd policies at `rank_ratio` (default: the calibration's, else the registry's)."""
-    from krul.policies import get_policy, with_rank_ratio
+    krul / krul-svd / krul-svd-loss: per-conversation greedy pairs at threshold `tau` (svd-loss
+    scores weighted by the calibration's `layer_sensitivity` when it has one); minicache: the k
+    deepest adjacent pairs; krul-fix / krul-fix-svd / krul-fix-svd-loss / kvsharer: the first k of
+    the fixed plans calibrated on dev (`cal`). svd policies at `rank_ratio` (default: the
+    calibration's, else the registry's)."""
+    from krul.policies import FIXED_PLAN_KEYS, get_policy, with_rank_ratio
     from krul.selector import pair_ratio
 
     policy = get_policy(name, recompute_ratio=0.0)
     if policy.selector_params.get("method") == "svd":
         policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
+    if policy.pair_score == "svd-loss" and cal.get("layer_sensitivity"):
+        policy = policy.with_params(layer_weights=tuple(cal["layer_sensitivity"]))
     params = dict(policy.selector_params)
     ratio = pair_ratio(n_layers, k, float(params.get("pair_layer_equiv", 1.0)))
     if policy.selector == "krul":
         params.update(tau=tau, target_ratio=ratio)
     elif policy.selector == "minicache":
         params.update(target_ratio=ratio)
-    elif name in ("krul-fix", "krul-fix-svd", "kvsharer"):
-        key = "kvsharer_pairs" if name == "kvsharer" else "krul_fix_pairs"
+    elif name in FIXED_PLAN_KEYS:
+        key = FIXED_PLAN_KEYS[name]
+        if key not in cal:
+            raise ValueError(f"the dev calibration has no {key!r} for {name}; calibrate with "
+                             f"python -m krul.calibrate --policy krul-svd-loss first")
         fixed = [tuple(p) for p in cal[key]]
         if len(fixed) < k:
             raise ValueError(f"the dev calibration holds {len(fixed)} {name} pairs, fewer than {k}; "
@@ -312,9 +489,12 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
     if todo:
         records, base_rows = base_pass(adapter, convs, max_turns, progress)
+        scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio) for n, k in todo]
+        scored = [p for p in scored if p.pair_score == "svd-loss"]
+        losses = record_pair_losses(adapter, scored[0], convs, max_turns, progress) if scored else None
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
             policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio)
-            point = curve_point(adapter, policy, convs, records, base_rows, max_turns)
+            point = curve_point(adapter, policy, convs, records, base_rows, max_turns, losses)
             point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
                          rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params))
             points.append(point)
@@ -442,16 +622,24 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10])
     p.add_argument("--protect", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6],
                    help="fractions of layers the tau grid protects (when --taus is not given)")
-    p.add_argument("--policy", default="krul", choices=["krul", "krul-svd"])
+    p.add_argument("--policy", default="krul", choices=["krul", "krul-svd", "krul-svd-loss"])
     p.add_argument("--rank-ratios", type=float, nargs="+", default=None,
                    help="krul-svd: stored fractions of a pair to grid (default: the registry's)")
     p.add_argument("--out", default=None, help="record path (default experiments/calibration/<model>.json)")
+    p.add_argument("--sensitivity", default=None,
+                   help="krul-svd-loss: reuse this layer-sensitivity JSON instead of measuring it")
+    p.add_argument("--sensitivity-conversations", type=int, default=None,
+                   help="krul-svd-loss: measure the sensitivity on the first N dev conversations (default all)")
+    p.add_argument("--sensitivity-turns", type=int, default=None,
+                   help="krul-svd-loss: at most this many turns (from turn 2) per conversation")
     args = p.parse_args(argv)
-    if args.rank_ratios and args.policy != "krul-svd":
-        p.error("--rank-ratios is for --policy krul-svd")
+    if args.rank_ratios and args.policy not in ("krul-svd", "krul-svd-loss"):
+        p.error("--rank-ratios is for the svd policies (--policy krul-svd / krul-svd-loss)")
     rec = calibrate(args.model, args.n_conversations, args.max_tokens, taus=args.taus,
                     protect_fractions=tuple(args.protect), pair_counts=tuple(args.pairs),
-                    policy=args.policy, rank_ratios=tuple(args.rank_ratios or (None,)), out=args.out)
+                    policy=args.policy, rank_ratios=tuple(args.rank_ratios or (None,)), out=args.out,
+                    sensitivity_from=args.sensitivity, sensitivity_conversations=args.sensitivity_conversations,
+                    sensitivity_turns=args.sensitivity_turns)
     print(json.dumps({k: v for k, v in rec.items() if k != "grid"}))
     for g in rec["grid"]:
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))

@@ -103,6 +103,9 @@ class Engine:
         # conversation id -> per-turn SimilarityStats recorded by an earlier full-KV pass with the
         # estimator (calibration and figure runs reuse one base pass across policies)
         self.recorded_stats: dict | None = None
+        # conversation id -> per-turn (n_layers, n_layers) svd losses of that turn's new segment,
+        # recorded by the same pass (`compression.svd_pair_losses`; for pair_score="svd-loss")
+        self.recorded_pair_losses: dict | None = None
         self._turn_idx = 0
         tok = adapter.tokenizer
         eos = {tok.eos_token_id}
@@ -130,6 +133,13 @@ class Engine:
             turns = self.recorded_stats.get(conversation_id)
             return turns[min(self._turn_idx, len(turns) - 1)] if turns else None
         return self.estimator.stats(conversation_id) if self.estimator is not None else None
+
+    def recorded_losses(self, conversation_id: str):
+        """This turn's recorded svd pair losses of the new segment, or None when none are held."""
+        if self.recorded_pair_losses is None:
+            return None
+        turns = self.recorded_pair_losses.get(conversation_id)
+        return turns[min(self._turn_idx, len(turns) - 1)] if turns else None
 
     def _forward(self, conversation_id: str, input_ids: torch.Tensor, cache, logits_to_keep: int = 0):
         """A forward of new tokens; through the attention estimator when the policy needs one."""

@@ -19,7 +19,9 @@ Policies and the papers they implement:
 - ablations: krul-no-preempt, krul-fixed-split, krul-share.
 - beyond the paper: krul-svd (krul's per-conversation pairs, stored as one joint low-rank token
   tensor per pair, xKV-style, sink token exact; see `compression.svd_pair`) and krul-fix-svd (its
-  one-plan-for-all ablation).
+  one-plan-for-all ablation); krul-svd-loss (each conversation's pairs ranked by what svd loses on
+  its own KV, `compression.svd_pair_losses`) and krul-fix-svd-loss (the one plan of lowest mean
+  svd loss on dev).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from krul.store import StoredState, build_state
 
 class PolicyError(ValueError):
     """Unknown policy or a policy used without what it needs."""
+
+
+PAIR_SCORES = ("attention", "svd-loss")
 
 
 @dataclass(frozen=True)
@@ -55,18 +60,38 @@ class RestorePolicy:
     needs_estimator: bool = False
     head_reduce: str = "mean"  # how per-head distances combine (the paper is silent): mean of per-head
     min_gain: float = 0.0  # scheduler: overlap only if predicted >= this fraction faster than one stream
+    # what a per-conversation selector ranks pairs by: "attention" (the paper: the estimator's
+    # attention distances) or "svd-loss" (beyond the paper: what `compression.svd_pair` would lose
+    # on the new segment's own KV, `compression.svd_pair_losses`, with `loss_basis` of each
+    # layer's principal axes kept, reduced by `loss_reduce`; the estimator then only feeds the
+    # preemptive rule)
+    pair_score: str = "attention"
+    loss_basis: float = 0.5
+    loss_reduce: str = "joint"  # "joint" | "layers" (see compression.svd_pair_losses)
+    # per-layer nll cost of one unit of relative squared KV error, measured on dev
+    # (`calibrate.layer_sensitivity`); when set, a pair's svd-loss score is the first-order nll
+    # cost w_a e_a + w_b e_b of the two layers' own errors e (`score_segment`)
+    layer_weights: tuple | None = None
 
     def with_params(self, **changes) -> "RestorePolicy":
         """A copy with fields changed (e.g. `recompute_ratio`, `selector_params`)."""
         return replace(self, **changes)
 
     # -- decisions ---------------------------------------------------------------------------
-    def plan(self, engine, conversation_id: str, n_layers: int):
-        """The compression plan for this conversation's new segment, or None."""
+    def plan(self, engine, conversation_id: str, n_layers: int, segment=None, offset: int = 0):
+        """The compression plan for this conversation's new segment, or None.
+
+        segment : per layer (keys, values) of the new segment, each (1, kv_heads, tokens,
+            head_dim), at absolute position `offset`: what `pair_score="svd-loss"` scores (unless
+            the engine holds recorded losses for this turn).
+        """
         if self.selector is None:
             return None
         from krul.selector import SelectionInput, make_selector
 
+        if self.pair_score not in PAIR_SCORES:
+            raise PolicyError(f"policy {self.name!r}: unknown pair_score {self.pair_score!r}; "
+                              f"known: {', '.join(PAIR_SCORES)}")
         stats = engine.similarity_stats(conversation_id)
         if stats is None:
             if self.needs_estimator:
@@ -77,9 +102,52 @@ class RestorePolicy:
         else:
             distances = stats.distances(self.head_reduce)
             boundary = stats.boundary_ratio()
+        selector = make_selector(self.selector, **self.selector_params)
+        layer_bytes = float(engine.adapter.layer_kv_bytes_per_token())
+        if self.pair_score == "svd-loss" and self.selector == "krul" and selector.n_pairs(n_layers, layer_bytes):
+            if selector.method != "svd":
+                raise PolicyError(f"policy {self.name!r}: pair_score 'svd-loss' ranks pairs by what svd "
+                                  f"loses, but the pairs are stored with {selector.method!r}")
+            distances = self.pair_losses(engine, conversation_id, segment, offset)
         selection = SelectionInput(distances=distances, boundary_ratio=boundary, n_layers=n_layers,
-                                   layer_bytes_per_token=float(engine.adapter.layer_kv_bytes_per_token()))
-        return make_selector(self.selector, **self.selector_params).select(selection)
+                                   layer_bytes_per_token=layer_bytes)
+        return selector.select(selection)
+
+    def pair_losses(self, engine, conversation_id: str, segment, offset: int = 0) -> torch.Tensor:
+        """(n_layers, n_layers) svd loss of every pair on the new segment: the engine's recorded
+        losses for this turn when it holds them (calibration replays), else computed on `segment`."""
+        recorded = engine.recorded_losses(conversation_id)
+        if recorded is not None:
+            return recorded
+        if segment is None:
+            raise PolicyError(f"policy {self.name!r} scores pairs by svd loss and needs the new "
+                              "segment's KV (RestorePolicy.offload passes it)")
+        return self.score_segment(segment, offset)
+
+    def score_segment(self, segment, offset: int = 0) -> torch.Tensor:
+        """(n_layers, n_layers) what storing each pair with svd would cost on `segment` (per layer
+        (keys, values), each (batch, kv_heads, tokens, head_dim), at absolute `offset`): its svd
+        loss, or with `layer_weights` w the weighted sum w_a e[a, b] + w_b e[b, a] of the layers'
+        own relative errors (symmetric; NaN on the diagonal)."""
+        from krul.compression import svd_pair_losses
+
+        kwargs = self.loss_kwargs(segment)
+        if self.layer_weights is None:
+            return svd_pair_losses(segment, offset=offset, **kwargs)
+        if len(self.layer_weights) != len(segment):
+            raise PolicyError(f"policy {self.name!r} has {len(self.layer_weights)} layer weights for a "
+                              f"{len(segment)}-layer model: calibrate it for this model")
+        own = svd_pair_losses(segment, offset=offset, **{**kwargs, "reduce": "none"})
+        weighted = torch.tensor(self.layer_weights, dtype=torch.float64)[:, None] * own
+        return weighted + weighted.T
+
+    def loss_kwargs(self, segment) -> dict:
+        """`svd_pair_losses` options: the `svd_pair` parameters it models (rank, sink, K/V split),
+        `loss_basis` of each layer's kv_heads * head_dim axes, and `loss_reduce`."""
+        _, heads, _, head_dim = segment[0][0].shape
+        keys = ("rank_ratio", "sink_tokens", "value_share")
+        return {**{k: v for k, v in self.compress_params.items() if k in keys},
+                "basis_dim": max(1, round(self.loss_basis * heads * head_dim)), "reduce": self.loss_reduce}
 
     def split_lengths(self, engine, n_tokens: int, n_layers: int, plan) -> tuple[tuple[int, ...], dict]:
         """Recompute lengths L_l for the state to store, and the scheduler's prediction."""
@@ -111,14 +179,17 @@ class RestorePolicy:
         """Build the state of the history `token_ids` from the live cache and store it; its bytes."""
         adapter = engine.adapter
         n_layers = adapter.n_layers
-        plan = self.plan(engine, conversation_id, n_layers)
+        layers_kv = adapter.kv_from_cache(cache)
+        n_old = previous.n_tokens if previous is not None else 0
+        segment = [(k[:, :, n_old:len(token_ids)], v[:, :, n_old:len(token_ids)]) for k, v in layers_kv]
+        plan = self.plan(engine, conversation_id, n_layers, segment, n_old)
         lengths, predicted = self.split_lengths(engine, len(token_ids), n_layers, plan)
         pairs = plan.pairs if plan is not None else ()
         method = plan.method if plan is not None else "merge"
         compress = dict(self.compress_params) if method != "share" else {}
         meta = {"policy": self.name, "plan": plan.to_dict() if plan is not None else {},
                 "predicted": predicted}
-        state = build_state(adapter.fingerprint(), torch.tensor(token_ids), adapter.kv_from_cache(cache),
+        state = build_state(adapter.fingerprint(), torch.tensor(token_ids), layers_kv,
                             lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
                             meta=meta)
         return engine.store.put(conversation_id, state)
@@ -199,13 +270,26 @@ POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
     RestorePolicy("krul-fix-svd", "krul-svd ablation: one plan calibrated on dev", split="scheduler",
                   slope=1.0, min_gain=_MIN_GAIN, selector="fixed", selector_params={"pairs": (), "method": "svd"},
                   compress_params=_SVD),
+    RestorePolicy("krul-svd-loss", "krul-svd with each conversation's pairs ranked by what svd loses on "
+                  "its own KV (compression.svd_pair_losses) instead of attention distance: beyond the paper",
+                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, selector="krul",
+                  selector_params={"tau": 0.3, "target_ratio": 1.5, **_SVD_PAIR}, compress_params=_SVD,
+                  needs_estimator=True, pair_score="svd-loss"),
+    RestorePolicy("krul-fix-svd-loss", "krul-svd-loss ablation: one plan, the lowest mean svd loss on dev",
+                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, selector="fixed",
+                  selector_params={"pairs": (), "method": "svd"}, compress_params=_SVD),
 ]}
+
+# the calibration record's key holding each fixed-plan policy's pairs (`calibrate.calibrate`)
+FIXED_PLAN_KEYS = {"krul-fix": "krul_fix_pairs", "krul-fix-svd": "krul_fix_pairs",
+                   "krul-fix-svd-loss": "krul_fix_loss_pairs", "kvsharer": "kvsharer_pairs"}
 
 
 def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     """Fill a policy's calibrated values for `model` from `experiments/calibration/<model>.json`
     (written by `python -m krul.calibrate` on the dev split): tau and the target ratio of the krul
-    family, the fixed pairs of krul-fix and kvsharer (at krul's pair count), minicache's ratio."""
+    family, the fixed pairs of krul-fix and kvsharer (at krul's pair count), minicache's ratio, and
+    the dev layer sensitivities that weight an svd-loss policy's pair scores."""
     from krul.calibrate import load_calibration
 
     cal = load_calibration(model)
@@ -213,12 +297,12 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
         return policy
     params = dict(policy.selector_params)
     n_pairs = int(cal.get("n_pairs", 0))
+    if policy.pair_score == "svd-loss" and cal.get("layer_sensitivity"):
+        policy = policy.with_params(layer_weights=tuple(cal["layer_sensitivity"]))
     if policy.selector == "krul":
         params.update(tau=cal["tau"], target_ratio=cal["target_ratio"])
-    elif policy.name in ("krul-fix", "krul-fix-svd"):
-        params.update(pairs=tuple(map(tuple, cal["krul_fix_pairs"][:n_pairs])))
-    elif policy.name == "kvsharer":
-        params.update(pairs=tuple(map(tuple, cal["kvsharer_pairs"][:n_pairs])))
+    elif policy.name in FIXED_PLAN_KEYS and FIXED_PLAN_KEYS[policy.name] in cal:
+        params.update(pairs=tuple(map(tuple, cal[FIXED_PLAN_KEYS[policy.name]][:n_pairs])))
     elif policy.selector == "minicache":
         params.update(target_ratio=cal["target_ratio"])
     return policy.with_params(selector_params=params)

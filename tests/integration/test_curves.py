@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from krul import calibrate
 
@@ -48,3 +49,39 @@ def test_svd_pairs_reach_their_byte_fraction_and_beat_merge(tmp_path):
     assert 1.25 < by["krul-svd"]["compression_ratio"] < 1.40
     assert by["krul-svd"]["nll_ratio"] < by["krul"]["nll_ratio"]
     assert (tmp_path / "smollm2-135m.curves-test-svd.json").exists()
+
+
+def test_recorded_svd_losses_give_the_plans_the_live_engine_makes(smollm, short_test_conversations):
+    """The curves record each turn's svd pair losses from one full-KV forward of the conversation
+    (`record_pair_losses`); a live full-KV engine scores the same segments from its own cache at
+    every offload. Both must pick the same pairs, turn by turn."""
+    from krul.engine import Engine
+    from krul.selector import SelectionInput, make_selector
+    from krul.store import make_store
+
+    conv = short_test_conversations[0]
+    policy = calibrate.grid_policy("krul-svd-loss", 0.0, 4, smollm.n_layers).with_params(needs_estimator=False)
+    engine = Engine(smollm, policy, make_store("pageable"), max_new_tokens=1)
+    live = [r.plan["pairs"] for r in engine.replay(conv, max_turns=3)][1:]  # plans restored at turns 2, 3
+    recorded = calibrate.record_pair_losses(smollm, policy, [conv], 3, progress=False)[conv.id]
+    assert len(recorded) == 3
+    selector = make_selector(policy.selector, **policy.selector_params)
+    for turn, pairs in enumerate(live):
+        mat = recorded[turn]
+        plan = selector.select(SelectionInput(mat, torch.ones(smollm.n_layers), smollm.n_layers))
+        assert [list(p) for p in plan.pairs] == pairs
+        off = mat[~torch.eye(smollm.n_layers, dtype=torch.bool)]
+        assert torch.isfinite(off).all() and (off > 0).all() and (off < 1).all()
+
+
+def test_layer_sensitivity_is_zero_without_error_and_positive_with_it(smollm, short_test_conversations):
+    """A full-rank 'truncation' changes no layer's KV and no reply nll; at rank ratio 0.3 every
+    layer has a real error and a weight on the floor or above."""
+    conv = short_test_conversations[:1]
+    exact = calibrate.layer_sensitivity(smollm, conv, rank_ratio=1.0, max_turns=2, progress=False)
+    assert max(exact["error"]) < 1e-10 and max(abs(d) for d in exact["delta_nll"]) < 1e-3
+    sens = calibrate.layer_sensitivity(smollm, conv, rank_ratio=0.3, max_turns=2, progress=False)
+    assert len(sens["weights"]) == smollm.n_layers and sens["reply_tokens"] > 0
+    assert all(0.0 < e < 1.0 for e in sens["error"])
+    top = max(sens["weights"])
+    assert top > 0 and all(w >= 0.01 * top - 1e-12 for w in sens["weights"])

@@ -4,7 +4,7 @@ import pytest
 from krul.calibrate import CURVE_POLICIES, curve_policy
 
 CAL = {"split": "dev", "tau": 0.0, "krul_fix_pairs": [[6, 7], [4, 5], [3, 8]],
-       "kvsharer_pairs": [[11, 24], [10, 25], [1, 18]]}
+       "kvsharer_pairs": [[11, 24], [10, 25], [1, 18]], "krul_fix_loss_pairs": [[0, 24], [1, 23], [16, 17]]}
 
 
 @pytest.mark.parametrize("name", CURVE_POLICIES)
@@ -19,11 +19,14 @@ def test_curve_policy_loads_everything_and_targets_k_pairs(name):
         assert params["target_ratio"] == pytest.approx(30 / 28)
     elif name == "krul-fix":
         assert params["pairs"] == ((6, 7), (4, 5)) and params["method"] == "merge"
-    elif name == "krul-svd":  # a pair stores 2 * (rank_ratio + retain_ratio) layers
+    elif name in ("krul-svd", "krul-svd-loss"):  # a pair stores 2 * (rank_ratio + retain_ratio) layers
         assert params["tau"] == 0.25 and params["method"] == "svd"
+        assert policy.pair_score == ("svd-loss" if name == "krul-svd-loss" else "attention")
         assert params["target_ratio"] == pytest.approx(30 / (30 - 2 * (2 - params["pair_layer_equiv"])))
     elif name == "krul-fix-svd":
         assert params["pairs"] == ((6, 7), (4, 5)) and params["method"] == "svd"
+    elif name == "krul-fix-svd-loss":
+        assert params["pairs"] == ((0, 24), (1, 23)) and params["method"] == "svd"
     else:
         assert params["pairs"] == ((11, 24), (10, 25)) and params["method"] == "share"
 
@@ -33,6 +36,9 @@ def test_curve_policy_refuses_more_pairs_than_calibrated():
         curve_policy("krul-fix", 4, 30, CAL, tau=0.0)
     with pytest.raises(ValueError, match="no curve"):
         curve_policy("full-load", 1, 30, CAL, tau=0.0)
+    no_loss = {k: v for k, v in CAL.items() if k != "krul_fix_loss_pairs"}
+    with pytest.raises(ValueError, match="krul_fix_loss_pairs"):
+        curve_policy("krul-fix-svd-loss", 1, 30, no_loss, tau=0.0)
 
 
 def test_curve_table_marks_points_within_tolerance():

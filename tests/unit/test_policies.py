@@ -40,3 +40,89 @@ def test_with_rank_ratio_on_a_fixed_plan_builds_its_selector():
     p = with_rank_ratio(get_policy("krul-fix-svd"), 0.6)
     assert p.compress_params["rank_ratio"] == 0.6
     make_selector(p.selector, **p.selector_params)  # no pair_layer_equiv for a fixed plan
+
+
+class _Adapter:
+    n_layers = 6
+    head_dim = 4
+
+    @staticmethod
+    def layer_kv_bytes_per_token():
+        return 64
+
+
+class _Engine:
+    """What RestorePolicy.plan reads of an engine: stats (none: tau 0) and recorded losses."""
+
+    adapter = _Adapter()
+
+    def __init__(self, losses=None):
+        self.losses = losses
+
+    def similarity_stats(self, conversation_id):
+        return None
+
+    def recorded_losses(self, conversation_id):
+        return self.losses
+
+
+def _svd_loss_policy(n_pairs=2):
+    from krul.calibrate import grid_policy
+
+    return grid_policy("krul-svd-loss", 0.0, n_pairs, 6).with_params(needs_estimator=False)
+
+
+def test_svd_loss_policy_pairs_the_lowest_loss_layers():
+    import torch
+
+    losses = torch.full((6, 6), 0.5, dtype=torch.float64)
+    for a, b, x in ((0, 5, 0.01), (2, 3, 0.02), (0, 2, 0.005), (1, 4, 0.3)):
+        losses[a, b] = losses[b, a] = x
+    plan = _svd_loss_policy().plan(_Engine(losses), "c", 6)
+    # greedy by ascending loss, each layer once: (0, 2) first, then (0, 5) and (2, 3) are blocked
+    assert plan.pairs == ((0, 2), (1, 4)) and plan.method == "svd"
+
+
+def test_svd_loss_policy_scores_the_segment_it_is_given():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 40, 4, generator=g)
+    noise = lambda: 0.01 * torch.randn(1, 1, 40, 4, generator=g)
+    # layers 1 and 4 carry the same KV (a pair svd stores at no loss); the others are unrelated
+    segment = [(torch.randn(1, 1, 40, 4, generator=g), torch.randn(1, 1, 40, 4, generator=g)) for _ in range(6)]
+    segment[1] = (base, base.flip(-1))
+    segment[4] = (base + noise(), base.flip(-1) + noise())
+    plan = _svd_loss_policy(1).plan(_Engine(), "c", 6, segment, 0)
+    assert plan.pairs == ((1, 4),)
+
+
+def test_svd_loss_policy_refuses_what_it_cannot_score():
+    with pytest.raises(PolicyError, match="segment"):
+        _svd_loss_policy().plan(_Engine(), "c", 6)
+    merge = _svd_loss_policy().with_params(selector_params={**_svd_loss_policy().selector_params, "method": "merge"})
+    with pytest.raises(PolicyError, match="merge"):
+        merge.plan(_Engine(), "c", 6)
+    with pytest.raises(PolicyError, match="pair_score"):
+        _svd_loss_policy().with_params(pair_score="cosine").plan(_Engine(), "c", 6)
+
+
+def test_weighted_svd_loss_is_the_first_order_nll_cost_of_both_layers():
+    import torch
+
+    from krul.compression import svd_pair_losses
+
+    g = torch.Generator().manual_seed(1)
+    segment = [(torch.randn(1, 1, 30, 4, generator=g) * (l + 1), torch.randn(1, 1, 30, 4, generator=g))
+               for l in range(6)]
+    weights = (0.5, 2.0, 1.0, 0.1, 3.0, 1.5)
+    policy = _svd_loss_policy().with_params(layer_weights=weights)
+    cost = policy.score_segment(segment)
+    own = svd_pair_losses(segment, **{**policy.loss_kwargs(segment), "reduce": "none"})
+    for a in range(6):
+        for b in range(6):
+            if a != b:
+                assert float(cost[a, b]) == pytest.approx(weights[a] * float(own[a, b]) + weights[b] * float(own[b, a]))
+    assert torch.isnan(cost.diagonal()).all()
+    with pytest.raises(PolicyError, match="layer weights"):
+        policy.with_params(layer_weights=weights[:4]).score_segment(segment)
