@@ -29,12 +29,18 @@ import torch
 from krul import paths
 
 
-def calibration_path(model: str) -> Path:
-    return paths.experiments_dir() / "calibration" / f"{model}.json"
+# policies calibrated by a record of their own, `<model>.<suffix>.json` (the rest read `<model>.json`)
+OWN_CALIBRATION = {"krul-svd-loss": "svd-loss", "krul-fix-svd-loss": "svd-loss"}
 
 
-def load_calibration(model: str) -> dict | None:
-    path = calibration_path(model)
+def calibration_path(model: str, policy: str | None = None) -> Path:
+    """The dev calibration record `policy` (default: the paper's family) of `model` reads."""
+    suffix = OWN_CALIBRATION.get(policy or "")
+    return paths.experiments_dir() / "calibration" / (f"{model}.{suffix}.json" if suffix else f"{model}.json")
+
+
+def load_calibration(model: str, policy: str | None = None) -> dict | None:
+    path = calibration_path(model, policy)
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -307,7 +313,7 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         taus = sorted({0.0} | {float(torch.quantile(mean_boundary, q)) + 1e-9
                                for q in protect_fractions if q > 0})
     # resumable: every grid point is appended to a partial file as soon as it is measured
-    path = Path(out) if out else calibration_path(model)
+    path = Path(out) if out else calibration_path(model, policy)
     partial = path.with_suffix(".partial.jsonl")
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = {}

@@ -287,12 +287,13 @@ FIXED_PLAN_KEYS = {"krul-fix": "krul_fix_pairs", "krul-fix-svd": "krul_fix_pairs
 
 def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     """Fill a policy's calibrated values for `model` from `experiments/calibration/<model>.json`
-    (written by `python -m krul.calibrate` on the dev split): tau and the target ratio of the krul
+    (`<model>.svd-loss.json` for the svd-loss policies; written by `python -m krul.calibrate` on
+    the dev split): tau and the target ratio of the krul
     family, the fixed pairs of krul-fix and kvsharer (at krul's pair count), minicache's ratio, and
     the dev layer sensitivities that weight an svd-loss policy's pair scores."""
     from krul.calibrate import load_calibration
 
-    cal = load_calibration(model)
+    cal = load_calibration(model, policy.name)
     if cal is None or policy.selector is None:
         return policy
     params = dict(policy.selector_params)

@@ -126,3 +126,21 @@ def test_weighted_svd_loss_is_the_first_order_nll_cost_of_both_layers():
     assert torch.isnan(cost.diagonal()).all()
     with pytest.raises(PolicyError, match="layer weights"):
         policy.with_params(layer_weights=weights[:4]).score_segment(segment)
+
+
+def test_svd_loss_policies_read_their_own_dev_record(tmp_path, monkeypatch):
+    import json
+
+    from krul import paths
+
+    (tmp_path / "calibration").mkdir()
+    rec = {"split": "dev", "tau": 0.0, "target_ratio": 1.25, "n_pairs": 2, "krul_fix_pairs": [[6, 7], [4, 5]],
+           "krul_fix_loss_pairs": [[1, 3], [0, 5]], "layer_sensitivity": [0.5] * 6}
+    (tmp_path / "calibration" / "m.svd-loss.json").write_text(json.dumps(rec))
+    monkeypatch.setattr(paths, "experiments_dir", lambda: tmp_path)
+    krul = get_policy("krul-svd-loss", model="m")
+    assert krul.layer_weights == (0.5,) * 6 and krul.selector_params["target_ratio"] == 1.25
+    assert get_policy("krul-fix-svd-loss", model="m").selector_params["pairs"] == ((1, 3), (0, 5))
+    # the paper's family reads <model>.json, which does not exist here: registry defaults
+    assert get_policy("krul-fix-svd", model="m").selector_params["pairs"] == ()
+    assert get_policy("krul-svd", model="m").layer_weights is None
