@@ -222,9 +222,13 @@ def with_rank_ratio(policy: "RestorePolicy", rank_ratio: float) -> "RestorePolic
     compress = {**policy.compress_params, "rank_ratio": rank_ratio}
     if policy.selector != "krul":  # fixed plans name their pairs: no pair size to follow
         return policy.with_params(compress_params=compress)
-    equiv = 2.0 * (rank_ratio + policy.compress_params.get("retain_ratio", 0.0))
     return policy.with_params(compress_params=compress,
-                              selector_params={**policy.selector_params, "pair_layer_equiv": equiv})
+                              selector_params={**policy.selector_params, "pair_layer_equiv": svd_pair_size(compress)})
+
+
+def svd_pair_size(compress_params: dict) -> float:
+    """Stored size of one svd pair in layer-equivalents: 2 * (rank_ratio + retain_ratio)."""
+    return 2.0 * (compress_params["rank_ratio"] + compress_params.get("retain_ratio", 0.0))
 
 
 _MERGE = {"retain_ratio": 0.05}
@@ -232,7 +236,7 @@ _MERGE = {"retain_ratio": 0.05}
 # bytes on rank (nll ratio 1.0061 vs 1.0089 at 2.0x); more rank to K or to V, or retaining by
 # absolute error, was worse (REPRODUCE.md, Calibrated parameters)
 _SVD = {"rank_ratio": 0.47, "sink_tokens": 1, "retain_ratio": 0.03}
-_SVD_PAIR = {"method": "svd", "pair_layer_equiv": 2.0 * (_SVD["rank_ratio"] + _SVD["retain_ratio"])}
+_SVD_PAIR = {"method": "svd", "pair_layer_equiv": svd_pair_size(_SVD)}
 _MIN_GAIN = 0.1  # see scheduler.choose_split: a split must promise >= 10% over a single stream
 POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
     RestorePolicy("full-recompute", "prefill the whole history again", split="recompute"),
