@@ -62,7 +62,7 @@ def test_recorded_svd_losses_give_the_plans_the_live_engine_makes(smollm, short_
     conv = short_test_conversations[0]
     policy = calibrate.grid_policy("krul-svd-loss", 0.0, 4, smollm.n_layers).with_params(needs_estimator=False)
     engine = Engine(smollm, policy, make_store("pageable"), max_new_tokens=1)
-    live = [r.plan["pairs"] for r in engine.replay(conv, max_turns=3)][1:]  # plans restored at turns 2, 3
+    live = [r.plan["pairs"] for r in engine.replay(conv, max_turns=3) if r.turn_idx > 0]  # restored at turns 2, 3
     recorded = calibrate.record_pair_losses(smollm, policy, [conv], 3, progress=False)[conv.id]
     assert len(recorded) == 3
     selector = make_selector(policy.selector, **policy.selector_params)
@@ -74,11 +74,16 @@ def test_recorded_svd_losses_give_the_plans_the_live_engine_makes(smollm, short_
         assert torch.isfinite(off).all() and (off > 0).all() and (off < 1).all()
 
 
-def test_layer_sensitivity_is_zero_without_error_and_positive_with_it(smollm, short_test_conversations):
+def test_layer_sensitivity_is_zero_without_error_and_positive_with_it(smollm, short_test_conversations,
+                                                                      monkeypatch):
     """A full-rank 'truncation' changes no layer's KV and no reply nll; at rank ratio 0.3 every
     layer has a real error and a weight on the floor or above."""
+    from krul import compression
+
     conv = short_test_conversations[:1]
-    exact = calibrate.layer_sensitivity(smollm, conv, rank_ratio=1.0, max_turns=2, progress=False)
+    with monkeypatch.context() as m:  # full rank: the truncation must be the identity
+        m.setattr(compression, "svd_rank", lambda n, width, ratio: min(n, width))
+        exact = calibrate.layer_sensitivity(smollm, conv, rank_ratio=1.0, max_turns=2, progress=False)
     assert max(exact["error"]) < 1e-10 and max(abs(d) for d in exact["delta_nll"]) < 1e-3
     sens = calibrate.layer_sensitivity(smollm, conv, rank_ratio=0.3, max_turns=2, progress=False)
     assert len(sens["weights"]) == smollm.n_layers and sens["reply_tokens"] > 0
