@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -213,6 +214,11 @@ def mean_pair_losses(losses: dict, conversations, tokenizer, max_turns: int = 3)
     return torch.stack(per).mean(0)
 
 
+def matrix_json(m: torch.Tensor) -> list:
+    """A score matrix as JSON-safe nested lists (NaN -> null)."""
+    return [[None if math.isnan(x) else x for x in row] for row in m.tolist()]
+
+
 def replay_with(adapter, policy, conversations, records, max_turns: int = 3, progress: bool = False,
                 losses: dict | None = None):
     """Replay with recorded stats (and svd pair losses) at recompute ratio 0 and one generated
@@ -359,9 +365,10 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
                       "pairs": [list(p) for p in plan.pairs], "sensitive": list(plan.sensitive),
                       "method": plan.method})
     mean_boundary = torch.stack([recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)
-    loss_pairs = None
+    loss_pairs = mean_loss_matrix = None
     if losses is not None:  # krul-fix-svd-loss: the plan of lowest mean svd loss over dev
-        mean_loss = SelectionInput(mean_pair_losses(losses, convs, tok, max_turns), mean_boundary, n_layers)
+        mean_loss_matrix = mean_pair_losses(losses, convs, tok, max_turns)
+        mean_loss = SelectionInput(mean_loss_matrix, mean_boundary, n_layers)
         loss_pairs = [list(p) for p in calibrate_fixed_pairs([mean_loss], max_k, order="ascending", tau=tau)]
     record = {
         "model": model, "split": "dev", "policy": policy, "conversations": [c.id for c in convs],
@@ -371,7 +378,8 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         "krul_fix_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="ascending", tau=tau)],
         "kvsharer_pairs": [list(p) for p in calibrate_fixed_pairs(inputs, max_k, order="descending")],
         **({"krul_fix_loss_pairs": loss_pairs, "layer_sensitivity": sensitivity["weights"],
-            "layer_sensitivity_detail": sensitivity} if loss_pairs is not None else {}),
+            "layer_sensitivity_detail": sensitivity, "mean_pair_loss": matrix_json(mean_loss_matrix)}
+           if loss_pairs is not None else {}),
         "mean_boundary_ratio": [float(x) for x in mean_boundary],
         "plans": plans, "grid": grid, "runtime_s": time.time() - t0, "provenance": _provenance(),
     }
@@ -390,22 +398,24 @@ def with_rank_ratio_or_self(policy, rank_ratio: float | None):
     return policy if rank_ratio is None else with_rank_ratio(policy, rank_ratio)
 
 
-def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None):
+def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None,
+                 prior_weight: float | None = None):
     """Policy `name` compressing `k` layer pairs at recompute ratio 0.
 
     krul / krul-svd / krul-svd-loss: per-conversation greedy pairs at threshold `tau` (svd-loss
     scores weighted by the calibration's `layer_sensitivity` when it has one); minicache: the k
     deepest adjacent pairs; krul-fix / krul-fix-svd / krul-fix-svd-loss / kvsharer: the first k of
     the fixed plans calibrated on dev (`cal`). svd policies at `rank_ratio` (default: the
-    calibration's, else the registry's)."""
-    from krul.policies import FIXED_PLAN_KEYS, get_policy, with_rank_ratio
+    calibration's, else the registry's); krul-svd-loss shrinks its scores toward the dev mean by
+    `prior_weight` (default the calibration's, else 0)."""
+    from krul.policies import FIXED_PLAN_KEYS, get_policy, with_dev_scores, with_rank_ratio
     from krul.selector import pair_ratio
 
     policy = get_policy(name, recompute_ratio=0.0)
     if policy.selector_params.get("method") == "svd":
         policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
-    if policy.pair_score == "svd-loss" and cal.get("layer_sensitivity"):
-        policy = policy.with_params(layer_weights=tuple(cal["layer_sensitivity"]))
+    if policy.pair_score == "svd-loss":
+        policy = with_dev_scores(policy, cal, prior_weight)
     params = dict(policy.selector_params)
     ratio = pair_ratio(n_layers, k, float(params.get("pair_layer_equiv", 1.0)))
     if policy.selector == "krul":
@@ -449,7 +459,8 @@ def kv_angle_summary(adapter, conversations, max_turns: int = 3) -> dict:
 def curves(model: str, split: str = "test", n_conversations: int = 30, max_tokens: int = 2000,
            max_turns: int = 3, policies=CURVE_POLICIES, pair_counts=(1, 2, 4), tau: float | None = None,
            calibration: str | Path | None = None, progress: bool = True,
-           out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None) -> dict:
+           out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None,
+           prior_weight: float | None = None) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
@@ -457,7 +468,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     `experiments/calibration/<model>.curves-<split>.partial.jsonl` as soon as it is measured, and
     the record is written to `<model>.curves-<split>.json` (and its plot to `.png`), all in
     `out_dir` (default: beside the calibrations); a `tag` names a separate set of files
-    (`<model>.curves-<split>-<tag>.*`). svd policies run at `rank_ratio` (default: the calibration's).
+    (`<model>.curves-<split>-<tag>.*`). svd policies run at `rank_ratio` (default: the calibration's),
+    krul-svd-loss with `prior_weight` (default: the calibration's, else 0).
     """
     from tqdm.auto import tqdm
 
@@ -488,21 +500,23 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
             same = (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
                     and g.get("tau") == tau and g.get("calibration") == cal_path.name
                     and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal)
-                    and _compress_for(g["policy"], rank_ratio, cal) in (None, g.get("compress")))
+                    and _compress_for(g["policy"], rank_ratio, cal) in (None, g.get("compress"))
+                    and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0))
             if same:
                 done[(g["policy"], g["n_pairs"])] = g
     todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
     points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
     if todo:
         records, base_rows = base_pass(adapter, convs, max_turns, progress)
-        scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio) for n, k in todo]
+        scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight) for n, k in todo]
         scored = [p for p in scored if p.pair_score == "svd-loss"]
         losses = record_pair_losses(adapter, scored[0], convs, max_turns, progress) if scored else None
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
-            policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio)
+            policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns, losses)
             point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
-                         rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params))
+                         rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params),
+                         prior_weight=_prior_for(name, prior_weight, cal))
             points.append(point)
             with open(partial, "a") as f:
                 f.write(json.dumps(point) + "\n")
@@ -528,6 +542,19 @@ def _rank_for(name: str, rank_ratio: float | None, cal: dict) -> float | None:
     if rank_ratio is not None:
         return float(rank_ratio)
     return float(cal["rank_ratio"]) if cal.get("rank_ratio") is not None else float(policy.compress_params["rank_ratio"])
+
+
+def _prior_for(name: str, prior_weight: float | None, cal: dict) -> float | None:
+    """The shrinkage toward the dev mean a curve point of policy `name` runs with (None for the
+    policies without one; 0.0, the conversation alone, is what older points ran with)."""
+    from krul.policies import get_policy
+
+    policy = get_policy(name)
+    if policy.pair_score != "svd-loss" or policy.selector != "krul":
+        return None
+    if prior_weight is not None:
+        return float(prior_weight)
+    return float(cal.get("prior_weight", policy.prior_weight))
 
 
 def _compress_for(name: str, rank_ratio: float | None, cal: dict) -> dict | None:
@@ -572,10 +599,13 @@ def main_curves(argv) -> int:
     p.add_argument("--rank-ratio", type=float, default=None,
                    help="svd policies' stored fraction of a pair (default: the calibration's)")
     p.add_argument("--tag", default="", help="write <model>.curves-<split>-<tag>.* instead")
+    p.add_argument("--prior-weight", type=float, default=None,
+                   help="krul-svd-loss: shrink each conversation's pair scores toward the dev mean by "
+                        "this weight in [0, 1] (default: the calibration's, else 0)")
     args = p.parse_args(argv)
     rec = curves(args.model, args.split, args.n_conversations, args.max_tokens, policies=args.policies,
                  pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
-                 tag=args.tag, rank_ratio=args.rank_ratio)
+                 tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight)
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))

@@ -72,6 +72,12 @@ class RestorePolicy:
     # (`calibrate.layer_sensitivity`); when set, a pair's svd-loss score is the first-order nll
     # cost w_a e_a + w_b e_b of the two layers' own errors e (`score_segment`)
     layer_weights: tuple | None = None
+    # shrinkage of a conversation's own svd-loss scores toward the dev mean (beyond the paper):
+    # a pair's score is (1 - prior_weight) * own + prior_weight * pair_prior, with `pair_prior`
+    # the (n_layers x n_layers) mean scores over dev (`calibrate.mean_pair_losses`); 0 = the
+    # conversation alone, 1 = the dev plan (krul-fix-svd-loss). Calibrated on dev.
+    prior_weight: float = 0.0
+    pair_prior: tuple | None = None
 
     def with_params(self, **changes) -> "RestorePolicy":
         """A copy with fields changed (e.g. `recompute_ratio`, `selector_params`)."""
@@ -108,7 +114,7 @@ class RestorePolicy:
             if selector.method != "svd":
                 raise PolicyError(f"policy {self.name!r}: pair_score 'svd-loss' ranks pairs by what svd "
                                   f"loses, but the pairs are stored with {selector.method!r}")
-            distances = self.pair_losses(engine, conversation_id, segment, offset)
+            distances = self.with_prior(self.pair_losses(engine, conversation_id, segment, offset))
         selection = SelectionInput(distances=distances, boundary_ratio=boundary, n_layers=n_layers,
                                    layer_bytes_per_token=layer_bytes)
         return selector.select(selection)
@@ -123,6 +129,21 @@ class RestorePolicy:
             raise PolicyError(f"policy {self.name!r} scores pairs by svd loss and needs the new "
                               "segment's KV (RestorePolicy.offload passes it)")
         return self.score_segment(segment, offset)
+
+    def with_prior(self, scores: torch.Tensor) -> torch.Tensor:
+        """(n_layers, n_layers) pair scores shrunk toward the dev mean by `prior_weight`."""
+        if not 0.0 <= self.prior_weight <= 1.0:
+            raise PolicyError(f"policy {self.name!r}: prior_weight must be in [0, 1], got {self.prior_weight}")
+        if self.prior_weight == 0.0:
+            return scores
+        if self.pair_prior is None:
+            raise PolicyError(f"policy {self.name!r} has prior_weight {self.prior_weight} but no dev mean "
+                              "pair scores: calibrate it (python -m krul.calibrate --policy krul-svd-loss)")
+        prior = torch.tensor(self.pair_prior, dtype=torch.float64)
+        if prior.shape != scores.shape:
+            raise PolicyError(f"policy {self.name!r}: dev mean pair scores of shape {tuple(prior.shape)} "
+                              f"for {tuple(scores.shape)} scores: calibrate it for this model")
+        return (1.0 - self.prior_weight) * scores.to(torch.float64) + self.prior_weight * prior
 
     def score_segment(self, segment, offset: int = 0) -> torch.Tensor:
         """(n_layers, n_layers) what storing each pair with svd would cost on `segment` (per layer
@@ -302,8 +323,8 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
         return policy
     params = dict(policy.selector_params)
     n_pairs = int(cal.get("n_pairs", 0))
-    if policy.pair_score == "svd-loss" and cal.get("layer_sensitivity"):
-        policy = policy.with_params(layer_weights=tuple(cal["layer_sensitivity"]))
+    if policy.pair_score == "svd-loss":
+        policy = with_dev_scores(policy, cal)
     if policy.selector == "krul":
         params.update(tau=cal["tau"], target_ratio=cal["target_ratio"])
     elif policy.name in FIXED_PLAN_KEYS and FIXED_PLAN_KEYS[policy.name] in cal:
@@ -311,6 +332,22 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     elif policy.selector == "minicache":
         params.update(target_ratio=cal["target_ratio"])
     return policy.with_params(selector_params=params)
+
+
+def with_dev_scores(policy: RestorePolicy, cal: dict, prior_weight: float | None = None) -> RestorePolicy:
+    """An svd-loss policy with what its dev calibration record `cal` holds: the layer
+    sensitivities that weight its scores, the dev mean scores it shrinks toward, and the
+    shrinkage (`prior_weight`, default the record's, else the policy's)."""
+    changes = {}
+    if cal.get("layer_sensitivity"):
+        changes["layer_weights"] = tuple(cal["layer_sensitivity"])
+    if cal.get("mean_pair_loss"):
+        changes["pair_prior"] = tuple(tuple(float("nan") if x is None else float(x) for x in row)
+                                      for row in cal["mean_pair_loss"])  # JSON null = the NaN diagonal
+    weight = prior_weight if prior_weight is not None else cal.get("prior_weight")
+    if weight is not None:
+        changes["prior_weight"] = float(weight)
+    return policy.with_params(**changes)
 
 
 def get_policy(name: str, recompute_ratio: float | None = None, model: str | None = None) -> RestorePolicy:

@@ -68,3 +68,13 @@ def test_svd_curve_policy_follows_the_rank_ratio():
     sel = make_selector("krul", **policy.selector_params)
     stats = SelectionInput(distances=torch.rand(30, 30), boundary_ratio=torch.ones(30), n_layers=30)
     assert len(sel.select(stats).pairs) == 4
+
+
+def test_curve_points_record_the_prior_weight_they_ran_with():
+    from krul.calibrate import _prior_for
+
+    assert _prior_for("krul-svd-loss", None, CAL) == 0.0  # what the older points ran with
+    assert _prior_for("krul-svd-loss", None, {**CAL, "prior_weight": 0.5}) == 0.5
+    assert _prior_for("krul-svd-loss", 0.25, {**CAL, "prior_weight": 0.5}) == 0.25
+    assert _prior_for("krul-fix-svd-loss", 0.25, CAL) is None and _prior_for("krul", 0.25, CAL) is None
+    assert curve_policy("krul-svd-loss", 2, 30, CAL, tau=0.0, prior_weight=0.25).prior_weight == 0.25

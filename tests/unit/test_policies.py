@@ -144,3 +144,56 @@ def test_svd_loss_policies_read_their_own_dev_record(tmp_path, monkeypatch):
     # the paper's family reads <model>.json, which does not exist here: registry defaults
     assert get_policy("krul-fix-svd", model="m").selector_params["pairs"] == ()
     assert get_policy("krul-svd", model="m").layer_weights is None
+
+
+def _scores(pairs_low, n=6, low=0.01, high=0.5):
+    import torch
+
+    m = torch.full((n, n), high, dtype=torch.float64)
+    for i, (a, b) in enumerate(pairs_low):
+        m[a, b] = m[b, a] = low * (i + 1)
+    m.fill_diagonal_(float("nan"))
+    return m
+
+
+def test_prior_weight_moves_the_plan_from_the_conversation_to_the_dev_mean():
+    from krul.selector import SelectionInput, calibrate_fixed_pairs
+    import torch
+
+    own = _scores([(0, 1), (2, 3)])
+    prior = _scores([(0, 5), (1, 4)])
+    base = _svd_loss_policy().with_params(pair_prior=tuple(map(tuple, prior.tolist())))
+    assert base.plan(_Engine(own), "c", 6).pairs == ((0, 1), (2, 3))  # prior_weight 0: its own scores
+    fixed = calibrate_fixed_pairs([SelectionInput(prior, torch.ones(6), 6)], 2, order="ascending", tau=0.0)
+    # prior_weight 1 is the dev plan (krul-fix-svd-loss's greedy over the same mean)
+    assert base.with_params(prior_weight=1.0).plan(_Engine(own), "c", 6).pairs == tuple(map(tuple, fixed))
+    blended = base.with_params(prior_weight=0.25).with_prior(own)
+    assert torch.allclose(blended, 0.75 * own + 0.25 * prior, equal_nan=True)
+
+
+def test_prior_weight_refuses_a_missing_or_misshapen_prior():
+    own = _scores([(0, 1)])
+    with pytest.raises(PolicyError, match="no dev mean"):
+        _svd_loss_policy().with_params(prior_weight=0.5).plan(_Engine(own), "c", 6)
+    small = tuple(map(tuple, _scores([(0, 1)], n=4).tolist()))
+    with pytest.raises(PolicyError, match="shape"):
+        _svd_loss_policy().with_params(prior_weight=0.5, pair_prior=small).plan(_Engine(own), "c", 6)
+    with pytest.raises(PolicyError, match=r"\[0, 1\]"):
+        _svd_loss_policy().with_params(prior_weight=1.5).with_prior(own)
+
+
+def test_dev_record_fills_the_prior_and_its_weight():
+    import json
+    import math
+
+    from krul.calibrate import matrix_json
+    from krul.policies import with_dev_scores
+
+    m = _scores([(0, 1)])
+    rec = json.loads(json.dumps({"layer_sensitivity": [1.0] * 6, "mean_pair_loss": matrix_json(m),
+                                 "prior_weight": 0.3}))  # NaN diagonal travels as null
+    p = with_dev_scores(get_policy("krul-svd-loss"), rec)
+    assert p.prior_weight == 0.3 and p.layer_weights == (1.0,) * 6
+    assert math.isnan(p.pair_prior[2][2]) and p.pair_prior[0][1] == pytest.approx(0.01)
+    assert with_dev_scores(get_policy("krul-svd-loss"), rec, prior_weight=0.0).prior_weight == 0.0
+    assert with_dev_scores(get_policy("krul-svd-loss"), {}).prior_weight == 0.0
