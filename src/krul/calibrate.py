@@ -399,7 +399,7 @@ def with_rank_ratio_or_self(policy, rank_ratio: float | None):
 
 
 def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None,
-                 prior_weight: float | None = None):
+                 prior_weight: float | None = None, pairing: str | None = None):
     """Policy `name` compressing `k` layer pairs at recompute ratio 0.
 
     krul / krul-svd / krul-svd-loss: per-conversation greedy pairs at threshold `tau` (svd-loss
@@ -407,21 +407,24 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
     deepest adjacent pairs; krul-fix / krul-fix-svd / krul-fix-svd-loss / kvsharer: the first k of
     the fixed plans calibrated on dev (`cal`). svd policies at `rank_ratio` (default: the
     calibration's, else the registry's); krul-svd-loss shrinks its scores toward the dev mean by
-    `prior_weight` (default the calibration's, else 0)."""
-    from krul.policies import FIXED_PLAN_KEYS, get_policy, with_dev_scores, with_rank_ratio
+    `prior_weight` (default the calibration's, else 0); the svd-loss pair both pair their
+    layers by `pairing` (default the calibration's, else greedy as the paper)."""
+    from krul.policies import FIXED_PLAN_KEYS, fixed_loss_plan, get_policy, with_dev_scores, with_rank_ratio
     from krul.selector import pair_ratio
 
     policy = get_policy(name, recompute_ratio=0.0)
     if policy.selector_params.get("method") == "svd":
         policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
     if policy.pair_score == "svd-loss":
-        policy = with_dev_scores(policy, cal, prior_weight)
+        policy = with_dev_scores(policy, cal, prior_weight, pairing)
     params = dict(policy.selector_params)
     ratio = pair_ratio(n_layers, k, float(params.get("pair_layer_equiv", 1.0)))
     if policy.selector == "krul":
         params.update(tau=tau, target_ratio=ratio)
     elif policy.selector == "minicache":
         params.update(target_ratio=ratio)
+    elif name == "krul-fix-svd-loss":
+        params.update(pairs=fixed_loss_plan(cal, k, tau, _pairing_for(name, pairing, cal)))
     elif name in FIXED_PLAN_KEYS:
         key = FIXED_PLAN_KEYS[name]
         if key not in cal:
@@ -460,7 +463,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
            max_turns: int = 3, policies=CURVE_POLICIES, pair_counts=(1, 2, 4), tau: float | None = None,
            calibration: str | Path | None = None, progress: bool = True,
            out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None,
-           prior_weight: float | None = None) -> dict:
+           prior_weight: float | None = None, pairing: str | None = None) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
@@ -469,7 +472,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     the record is written to `<model>.curves-<split>.json` (and its plot to `.png`), all in
     `out_dir` (default: beside the calibrations); a `tag` names a separate set of files
     (`<model>.curves-<split>-<tag>.*`). svd policies run at `rank_ratio` (default: the calibration's),
-    krul-svd-loss with `prior_weight` (default: the calibration's, else 0).
+    krul-svd-loss with `prior_weight` (default: the calibration's, else 0), the svd-loss pair with
+    `pairing` (default: the calibration's, else greedy).
     """
     from tqdm.auto import tqdm
 
@@ -501,22 +505,27 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
                     and g.get("tau") == tau and g.get("calibration") == cal_path.name
                     and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal)
                     and _compress_for(g["policy"], rank_ratio, cal) in (None, g.get("compress"))
-                    and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0))
+                    and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0)
+                    and g.get("pairing", _pairing_for(g["policy"], "greedy", cal))
+                    == _pairing_for(g["policy"], pairing, cal))
             if same:
                 done[(g["policy"], g["n_pairs"])] = g
     todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
     points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
     if todo:
         records, base_rows = base_pass(adapter, convs, max_turns, progress)
-        scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight) for n, k in todo]
+        scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing)
+                  for n, k in todo]
         scored = [p for p in scored if p.pair_score == "svd-loss"]
         losses = record_pair_losses(adapter, scored[0], convs, max_turns, progress) if scored else None
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
-            policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight)
+            policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns, losses)
             point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
                          rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params),
-                         prior_weight=_prior_for(name, prior_weight, cal))
+                         prior_weight=_prior_for(name, prior_weight, cal),
+                         pairing=_pairing_for(name, pairing, cal),
+                         pairs=[list(q) for q in policy_pairs(policy)])
             points.append(point)
             with open(partial, "a") as f:
                 f.write(json.dumps(point) + "\n")
@@ -555,6 +564,19 @@ def _prior_for(name: str, prior_weight: float | None, cal: dict) -> float | None
     if prior_weight is not None:
         return float(prior_weight)
     return float(cal.get("prior_weight", policy.prior_weight))
+
+
+def _pairing_for(name: str, pairing: str | None, cal: dict) -> str | None:
+    """How the layers of a curve point of policy `name` are paired (None for the policies other
+    than the svd-loss pair, which always pair greedily or by a fixed list)."""
+    if name not in ("krul-svd-loss", "krul-fix-svd-loss"):
+        return None
+    return pairing or cal.get("pairing", "greedy")
+
+
+def policy_pairs(policy) -> tuple:
+    """A fixed-plan policy's pairs (empty for a per-conversation selector)."""
+    return tuple(policy.selector_params.get("pairs", ())) if policy.selector != "krul" else ()
 
 
 def _compress_for(name: str, rank_ratio: float | None, cal: dict) -> dict | None:
@@ -602,10 +624,14 @@ def main_curves(argv) -> int:
     p.add_argument("--prior-weight", type=float, default=None,
                    help="krul-svd-loss: shrink each conversation's pair scores toward the dev mean by "
                         "this weight in [0, 1] (default: the calibration's, else 0)")
+    p.add_argument("--pairing", default=None, choices=["greedy", "matching"],
+                   help="krul-svd-loss / krul-fix-svd-loss: pair greedily (the paper) or by exact "
+                        "least-total matching (default: the calibration's, else greedy)")
     args = p.parse_args(argv)
     rec = curves(args.model, args.split, args.n_conversations, args.max_tokens, policies=args.policies,
                  pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
-                 tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight)
+                 tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight,
+                 pairing=args.pairing)
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))

@@ -321,12 +321,14 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     cal = load_calibration(model, policy.name)
     if cal is None or policy.selector is None:
         return policy
-    params = dict(policy.selector_params)
     n_pairs = int(cal.get("n_pairs", 0))
     if policy.pair_score == "svd-loss":
         policy = with_dev_scores(policy, cal)
+    params = dict(policy.selector_params)
     if policy.selector == "krul":
         params.update(tau=cal["tau"], target_ratio=cal["target_ratio"])
+    elif policy.name == "krul-fix-svd-loss" and cal.get("pairing", "greedy") != "greedy":
+        params.update(pairs=fixed_loss_plan(cal, n_pairs, cal["tau"], cal["pairing"]))
     elif policy.name in FIXED_PLAN_KEYS and FIXED_PLAN_KEYS[policy.name] in cal:
         params.update(pairs=tuple(map(tuple, cal[FIXED_PLAN_KEYS[policy.name]][:n_pairs])))
     elif policy.selector == "minicache":
@@ -334,10 +336,12 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     return policy.with_params(selector_params=params)
 
 
-def with_dev_scores(policy: RestorePolicy, cal: dict, prior_weight: float | None = None) -> RestorePolicy:
+def with_dev_scores(policy: RestorePolicy, cal: dict, prior_weight: float | None = None,
+                    pairing: str | None = None) -> RestorePolicy:
     """An svd-loss policy with what its dev calibration record `cal` holds: the layer
-    sensitivities that weight its scores, the dev mean scores it shrinks toward, and the
-    shrinkage (`prior_weight`, default the record's, else the policy's)."""
+    sensitivities that weight its scores, the dev mean scores it shrinks toward, the shrinkage
+    (`prior_weight`) and how a per-conversation selector pairs the layers (`pairing`: "greedy"
+    or "matching"); each argument given overrides the record's, which overrides the policy's."""
     changes = {}
     if cal.get("layer_sensitivity"):
         changes["layer_weights"] = tuple(cal["layer_sensitivity"])
@@ -347,7 +351,35 @@ def with_dev_scores(policy: RestorePolicy, cal: dict, prior_weight: float | None
     weight = prior_weight if prior_weight is not None else cal.get("prior_weight")
     if weight is not None:
         changes["prior_weight"] = float(weight)
+    pairing = pairing or cal.get("pairing")
+    if pairing is not None and policy.selector == "krul":
+        changes["selector_params"] = {**policy.selector_params, "pairing": pairing}
     return policy.with_params(**changes)
+
+
+def fixed_loss_plan(cal: dict, n_pairs: int, tau: float, pairing: str = "greedy") -> tuple:
+    """krul-fix-svd-loss's `n_pairs` pairs from a dev record: the first of its greedy
+    `krul_fix_loss_pairs`, or with `pairing="matching"` the exact least-total pairs of its
+    mean scores (`mean_pair_loss`) over the layers not sensitive on dev mean at `tau`."""
+    from krul.selector import SelectionInput, calibrate_fixed_pairs
+
+    if pairing == "greedy":
+        if "krul_fix_loss_pairs" not in cal:
+            raise ValueError("the dev calibration has no 'krul_fix_loss_pairs' for krul-fix-svd-loss; "
+                             "calibrate with python -m krul.calibrate --policy krul-svd-loss first")
+        pairs = [tuple(p) for p in cal["krul_fix_loss_pairs"]]
+        if len(pairs) < n_pairs:
+            raise ValueError(f"the dev calibration holds {len(pairs)} krul-fix-svd-loss pairs, fewer than "
+                             f"{n_pairs}; re-run python -m krul.calibrate with --pairs up to {n_pairs}")
+        return tuple(pairs[:n_pairs])
+    if not cal.get("mean_pair_loss"):
+        raise ValueError("the dev calibration has no 'mean_pair_loss' to match on; re-run python -m "
+                         "krul.calibrate --policy krul-svd-loss")
+    prior = torch.tensor([[float("nan") if x is None else x for x in row] for row in cal["mean_pair_loss"]],
+                         dtype=torch.float64)
+    n = prior.shape[0]
+    boundary = torch.tensor(cal.get("mean_boundary_ratio") or [1.0] * n, dtype=torch.float64)
+    return calibrate_fixed_pairs([SelectionInput(prior, boundary, n)], n_pairs, tau=tau, pairing=pairing)
 
 
 def get_policy(name: str, recompute_ratio: float | None = None, model: str | None = None) -> RestorePolicy:

@@ -175,6 +175,50 @@ def greedy_pairs(distances: Tensor, allowed: list[int] | tuple[int, ...], n_pair
     return tuple(out)
 
 
+def matching_pairs(distances: Tensor, allowed: list[int] | tuple[int, ...], n_pairs: int,
+                   order: str = "ascending") -> tuple[tuple[int, int], ...]:
+    """The `n_pairs` disjoint pairs of `allowed` layers of least total distance (most, for
+    "descending"): exact, unlike `greedy_pairs`, whose last pairs are whatever the first leave.
+
+    A minimum-weight perfect matching (Edmonds' blossom, networkx) on the allowed layers plus
+    |allowed| - 2 n_pairs dummy nodes joined to every layer at weight 0: the layers a dummy takes are
+    left unpaired, so exactly `n_pairs` real pairs remain and their total is minimal. Pairs with a
+    NaN distance are never taken (fewer pairs come back if the rest cannot be paired otherwise).
+    Same arguments as `greedy_pairs`; pairs come back sorted by distance, then (a, b).
+    """
+    import networkx as nx
+
+    if order not in PAIR_ORDERS:
+        raise ValueError(f"unknown order '{order}'; known: {', '.join(PAIR_ORDERS)}")
+    d = torch.as_tensor(distances, dtype=torch.float64).cpu()
+    layers = sorted(set(int(l) for l in allowed))
+    bad = [l for l in layers if not 0 <= l < d.shape[0]]
+    if bad:
+        raise ValueError(f"allowed layers {bad} out of range for {d.shape[0]} layers")
+    k = min(int(n_pairs), len(layers) // 2)
+    if k <= 0:
+        return ()
+    dl = d.tolist()
+    edges = [(a, b, dl[a][b]) for i, a in enumerate(layers) for b in layers[i + 1:] if not math.isnan(dl[a][b])]
+    if not edges:
+        return ()
+    sign = 1.0 if order == "ascending" else -1.0
+    # networkx maximises: weight = big - cost keeps every real pair worth more than a dummy edge's
+    # big - 0 only if costs are >= 0; shift them so, which leaves the argmin unchanged (k is fixed)
+    lo = min(sign * w for _, _, w in edges)
+    g = nx.Graph()
+    g.add_weighted_edges_from((a, b, sign * w - lo) for a, b, w in edges)
+    dummies = [("dummy", i) for i in range(len(layers) - 2 * k)]
+    g.add_weighted_edges_from((x, l, 0.0) for x in dummies for l in layers)
+    matching = nx.min_weight_matching(g)
+    pairs = [tuple(sorted(e)) for e in matching if not any(isinstance(v, tuple) for v in e)]
+    pairs.sort(key=lambda p: (sign * dl[p[0]][p[1]], p[0], p[1]))
+    return tuple(pairs)
+
+
+PAIRINGS = {"greedy": greedy_pairs, "matching": matching_pairs}
+
+
 @dataclass(frozen=True)
 class SelectionInput:
     """What a selector sees of one conversation.
@@ -245,6 +289,8 @@ class KrulSelector(Selector):
         budget: 1.0 for "share" and nominally for "merge" (1 + 2/head_dim + 2*retain_ratio counts the
         merge extras); 2 * rank_ratio for "svd".
     order : "ascending" (the paper) | "descending"
+    pairing : "greedy" (the paper: `greedy_pairs`) | "matching" (beyond the paper: the exact
+        least-total-distance pairs, `matching_pairs`)
     """
 
     tau: float = 0.3
@@ -255,6 +301,7 @@ class KrulSelector(Selector):
     min_layer: int = 0
     pair_layer_equiv: float = 1.0
     order: str = "ascending"
+    pairing: str = "greedy"
 
     def n_pairs(self, n_layers: int, layer_bytes_per_token: float | None) -> int:
         """Pairs wanted for the target ratio or the byte budget (before layer availability)."""
@@ -275,7 +322,9 @@ class KrulSelector(Selector):
         blocked = set(sensitive)
         allowed = [l for l in range(n_layers) if l >= self.min_layer and l not in blocked]
         n_pairs = self.n_pairs(n_layers, stats.layer_bytes_per_token)
-        pairs = greedy_pairs(stats.distances, allowed, n_pairs, self.order)
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"unknown pairing {self.pairing!r}; known: {', '.join(PAIRINGS)}")
+        pairs = PAIRINGS[self.pairing](stats.distances, allowed, n_pairs, self.order)
         return CompressionPlan(pairs, sensitive, self.method, n_layers)
 
 
@@ -358,12 +407,14 @@ def make_selector(name: str, **params) -> Selector:
 
 
 def calibrate_fixed_pairs(stats_list: list[SelectionInput], n_pairs: int, order: str = "ascending",
-                          tau: float | None = None, min_layer: int = 0) -> tuple[tuple[int, int], ...]:
+                          tau: float | None = None, min_layer: int = 0,
+                          pairing: str = "greedy") -> tuple[tuple[int, int], ...]:
     """The single plan best on average over calibration conversations.
 
     Averages the distance matrices (and boundary ratios) over the conversations, drops layers below
-    `min_layer` and, if `tau` is given, the layers sensitive on average, then pairs greedily. Used for
-    Krul(Fix) (order "ascending", with tau) and KVSharer (order "descending", tau None). Distances from
+    `min_layer` and, if `tau` is given, the layers sensitive on average, then pairs them
+    (`pairing`: greedily as the paper, or by exact matching). Used for Krul(Fix) (order
+    "ascending", with tau) and KVSharer (order "descending", tau None). Distances from
     conversations of different lengths are best made comparable first
     (`SimilarityStats.distances(normalize=True)`).
     """
@@ -379,4 +430,6 @@ def calibrate_fixed_pairs(stats_list: list[SelectionInput], n_pairs: int, order:
                           for s in stats_list]).mean(0)
         blocked = set(sensitive_layers(br, tau))
     allowed = [l for l in range(n_layers) if l >= min_layer and l not in blocked]
-    return greedy_pairs(dist, allowed, n_pairs, order)
+    if pairing not in PAIRINGS:
+        raise ValueError(f"unknown pairing {pairing!r}; known: {', '.join(PAIRINGS)}")
+    return PAIRINGS[pairing](dist, allowed, n_pairs, order)

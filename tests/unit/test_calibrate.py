@@ -78,3 +78,26 @@ def test_curve_points_record_the_prior_weight_they_ran_with():
     assert _prior_for("krul-svd-loss", 0.25, {**CAL, "prior_weight": 0.5}) == 0.25
     assert _prior_for("krul-fix-svd-loss", 0.25, CAL) is None and _prior_for("krul", 0.25, CAL) is None
     assert curve_policy("krul-svd-loss", 2, 30, CAL, tau=0.0, prior_weight=0.25).prior_weight == 0.25
+
+
+def test_svd_loss_curves_pair_by_the_pairing_asked_for():
+    import torch
+
+    from krul.calibrate import _pairing_for, matrix_json
+    from krul.selector import matching_pairs
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(30, 30, generator=g, dtype=torch.float64)
+    prior = x + x.T
+    prior.fill_diagonal_(float("nan"))
+    cal = {**CAL, "mean_pair_loss": matrix_json(prior), "mean_boundary_ratio": [1.0] * 30}
+    own = curve_policy("krul-svd-loss", 3, 30, cal, tau=0.0, pairing="matching")
+    assert own.selector_params["pairing"] == "matching"
+    fix = curve_policy("krul-fix-svd-loss", 3, 30, cal, tau=0.0, pairing="matching")
+    assert set(fix.selector_params["pairs"]) == set(matching_pairs(prior, range(30), 3))
+    # greedy (the default, and what points without a "pairing" ran with) keeps the record's list
+    assert curve_policy("krul-fix-svd-loss", 2, 30, cal, tau=0.0).selector_params["pairs"] == ((0, 24), (1, 23))
+    assert _pairing_for("krul-svd-loss", None, cal) == "greedy" and _pairing_for("krul", "matching", cal) is None
+    assert _pairing_for("krul-svd-loss", None, {**cal, "pairing": "matching"}) == "matching"
+    with pytest.raises(ValueError, match="mean_pair_loss"):
+        curve_policy("krul-fix-svd-loss", 2, 30, CAL, tau=0.0, pairing="matching")

@@ -197,3 +197,25 @@ def test_dev_record_fills_the_prior_and_its_weight():
     assert math.isnan(p.pair_prior[2][2]) and p.pair_prior[0][1] == pytest.approx(0.01)
     assert with_dev_scores(get_policy("krul-svd-loss"), rec, prior_weight=0.0).prior_weight == 0.0
     assert with_dev_scores(get_policy("krul-svd-loss"), {}).prior_weight == 0.0
+
+
+def test_a_record_that_chose_matching_pairs_both_svd_loss_policies_by_it(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from krul import paths
+    from krul.calibrate import matrix_json
+    from krul.selector import matching_pairs
+
+    x = torch.rand(6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    prior = x + x.T
+    prior.fill_diagonal_(float("nan"))
+    (tmp_path / "calibration").mkdir()
+    rec = {"split": "dev", "tau": 0.0, "target_ratio": 1.25, "n_pairs": 2, "krul_fix_loss_pairs": [[1, 3], [0, 5]],
+           "layer_sensitivity": [0.5] * 6, "mean_pair_loss": matrix_json(prior), "pairing": "matching"}
+    (tmp_path / "calibration" / "m.svd-loss.json").write_text(json.dumps(rec))
+    monkeypatch.setattr(paths, "experiments_dir", lambda: tmp_path)
+    assert get_policy("krul-svd-loss", model="m").selector_params["pairing"] == "matching"
+    fixed = get_policy("krul-fix-svd-loss", model="m").selector_params["pairs"]
+    assert set(fixed) == set(matching_pairs(prior, range(6), 2))
