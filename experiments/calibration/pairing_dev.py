@@ -14,7 +14,7 @@ from krul import models
 from krul.adapter import ModelAdapter
 from krul.calibrate import base_pass, curve_policy, per_conv, pick_conversations, record_pair_losses, replay_with
 from krul.evaluation import paired_ratio_ci, summarize
-from krul.policies import get_policy, with_dev_scores, with_rank_ratio
+from krul.policies import get_policy, json_matrix, with_dev_scores, with_rank_ratio
 from krul.selector import PAIRINGS
 
 p = argparse.ArgumentParser()
@@ -31,8 +31,7 @@ pool = pick_conversations("dev", len(cal["conversations"]) + a.n_eval, 2000, tok
 eval_convs = [c for c in pool if c.id not in cal["conversations"]][:a.n_eval]
 print(json.dumps({"eval": [c.id for c in eval_convs]}), flush=True)
 scorer = with_dev_scores(with_rank_ratio(get_policy("krul-svd-loss"), cal["rank_ratio"]), cal, 0.0)
-prior = torch.tensor([[float("nan") if x is None else x for x in row] for row in cal["mean_pair_loss"]],
-                     dtype=torch.float64)
+prior = torch.tensor(json_matrix(cal["mean_pair_loss"]), dtype=torch.float64)
 records, base_rows = base_pass(ad, eval_convs, cal["max_turns"], False)
 losses = record_pair_losses(ad, scorer, eval_convs, cal["max_turns"], False)
 base = per_conv(base_rows)

@@ -215,7 +215,7 @@ def mean_pair_losses(losses: dict, conversations, tokenizer, max_turns: int = 3)
 
 
 def matrix_json(m: torch.Tensor) -> list:
-    """A score matrix as JSON-safe nested lists (NaN -> null)."""
+    """A score matrix as JSON-safe nested lists (NaN -> null; read back by `policies.json_matrix`)."""
     return [[None if math.isnan(x) else x for x in row] for row in m.tolist()]
 
 

@@ -336,6 +336,11 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     return policy.with_params(selector_params=params)
 
 
+def json_matrix(rows) -> tuple:
+    """A score matrix from a record's nested lists (JSON null = NaN, the diagonal): tuples of floats."""
+    return tuple(tuple(float("nan") if x is None else float(x) for x in row) for row in rows)
+
+
 def with_dev_scores(policy: RestorePolicy, cal: dict, prior_weight: float | None = None,
                     pairing: str | None = None) -> RestorePolicy:
     """An svd-loss policy with what its dev calibration record `cal` holds: the layer
@@ -346,8 +351,7 @@ def with_dev_scores(policy: RestorePolicy, cal: dict, prior_weight: float | None
     if cal.get("layer_sensitivity"):
         changes["layer_weights"] = tuple(cal["layer_sensitivity"])
     if cal.get("mean_pair_loss"):
-        changes["pair_prior"] = tuple(tuple(float("nan") if x is None else float(x) for x in row)
-                                      for row in cal["mean_pair_loss"])  # JSON null = the NaN diagonal
+        changes["pair_prior"] = json_matrix(cal["mean_pair_loss"])
     weight = prior_weight if prior_weight is not None else cal.get("prior_weight")
     if weight is not None:
         changes["prior_weight"] = float(weight)
@@ -375,8 +379,7 @@ def fixed_loss_plan(cal: dict, n_pairs: int, tau: float, pairing: str = "greedy"
     if not cal.get("mean_pair_loss"):
         raise ValueError("the dev calibration has no 'mean_pair_loss' to match on; re-run python -m "
                          "krul.calibrate --policy krul-svd-loss")
-    prior = torch.tensor([[float("nan") if x is None else x for x in row] for row in cal["mean_pair_loss"]],
-                         dtype=torch.float64)
+    prior = torch.tensor(json_matrix(cal["mean_pair_loss"]), dtype=torch.float64)
     n = prior.shape[0]
     boundary = torch.tensor(cal.get("mean_boundary_ratio") or [1.0] * n, dtype=torch.float64)
     return calibrate_fixed_pairs([SelectionInput(prior, boundary, n)], n_pairs, tau=tau, pairing=pairing)

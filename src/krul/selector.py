@@ -203,16 +203,16 @@ def matching_pairs(distances: Tensor, allowed: list[int] | tuple[int, ...], n_pa
     if not edges:
         return ()
     sign = 1.0 if order == "ascending" else -1.0
-    # networkx maximises: weight = big - cost keeps every real pair worth more than a dummy edge's
-    # big - 0 only if costs are >= 0; shift them so, which leaves the argmin unchanged (k is fixed)
-    lo = min(sign * w for _, _, w in edges)
+    # min_weight_matching takes the cheapest of the maximum-cardinality matchings; with the dummies
+    # that is a perfect one, holding exactly k real pairs whenever k disjoint scored pairs exist
     g = nx.Graph()
-    g.add_weighted_edges_from((a, b, sign * w - lo) for a, b, w in edges)
+    g.add_weighted_edges_from((a, b, sign * w) for a, b, w in edges)
     dummies = [("dummy", i) for i in range(len(layers) - 2 * k)]
     g.add_weighted_edges_from((x, l, 0.0) for x in dummies for l in layers)
     matching = nx.min_weight_matching(g)
     pairs = [tuple(sorted(e)) for e in matching if not any(isinstance(v, tuple) for v in e)]
     pairs.sort(key=lambda p: (sign * dl[p[0]][p[1]], p[0], p[1]))
+    pairs = pairs[:k]  # NaN-sparse scores can leave a dummy unmatched: never more than asked
     return tuple(pairs)
 
 
