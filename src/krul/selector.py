@@ -134,6 +134,18 @@ def sensitive_layers(boundary_ratio: Tensor, tau: float) -> tuple[int, ...]:
     return tuple(l for l, x in enumerate(br) if x < tau)
 
 
+def _pair_inputs(distances: Tensor, allowed, order: str) -> tuple[list, list[int]]:
+    """Checked inputs of a pairing: the distances as nested floats and the sorted allowed layers."""
+    if order not in PAIR_ORDERS:
+        raise ValueError(f"unknown order '{order}'; known: {', '.join(PAIR_ORDERS)}")
+    d = torch.as_tensor(distances, dtype=torch.float64).cpu()
+    layers = sorted(set(int(l) for l in allowed))
+    bad = [l for l in layers if not 0 <= l < d.shape[0]]
+    if bad:
+        raise ValueError(f"allowed layers {bad} out of range for {d.shape[0]} layers")
+    return d.tolist(), layers
+
+
 def greedy_pairs(distances: Tensor, allowed: list[int] | tuple[int, ...], n_pairs: int,
                  order: str = "ascending") -> tuple[tuple[int, int], ...]:
     """Greedy disjoint pairing of `allowed` layers by attention distance.
@@ -150,15 +162,7 @@ def greedy_pairs(distances: Tensor, allowed: list[int] | tuple[int, ...], n_pair
     n_pairs : how many pairs to take at most
     order : "ascending" | "descending"
     """
-    if order not in PAIR_ORDERS:
-        raise ValueError(f"unknown order '{order}'; known: {', '.join(PAIR_ORDERS)}")
-    d = torch.as_tensor(distances, dtype=torch.float64).cpu()
-    n_layers = d.shape[0]
-    layers = sorted(set(int(l) for l in allowed))
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"allowed layers {bad} out of range for {n_layers} layers")
-    dl = d.tolist()
+    dl, layers = _pair_inputs(distances, allowed, order)
     cands = [(dl[a][b], a, b) for i, a in enumerate(layers) for b in layers[i + 1:]
              if not math.isnan(dl[a][b])]
     sign = 1.0 if order == "ascending" else -1.0
@@ -188,17 +192,10 @@ def matching_pairs(distances: Tensor, allowed: list[int] | tuple[int, ...], n_pa
     """
     import networkx as nx
 
-    if order not in PAIR_ORDERS:
-        raise ValueError(f"unknown order '{order}'; known: {', '.join(PAIR_ORDERS)}")
-    d = torch.as_tensor(distances, dtype=torch.float64).cpu()
-    layers = sorted(set(int(l) for l in allowed))
-    bad = [l for l in layers if not 0 <= l < d.shape[0]]
-    if bad:
-        raise ValueError(f"allowed layers {bad} out of range for {d.shape[0]} layers")
+    dl, layers = _pair_inputs(distances, allowed, order)
     k = min(int(n_pairs), len(layers) // 2)
     if k <= 0:
         return ()
-    dl = d.tolist()
     edges = [(a, b, dl[a][b]) for i, a in enumerate(layers) for b in layers[i + 1:] if not math.isnan(dl[a][b])]
     if not edges:
         return ()
