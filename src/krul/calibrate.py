@@ -399,7 +399,7 @@ def with_rank_ratio_or_self(policy, rank_ratio: float | None):
 
 
 def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None,
-                 prior_weight: float | None = None, pairing: str | None = None):
+                 prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0):
     """Policy `name` compressing `k` layer pairs at recompute ratio 0.
 
     krul / krul-svd / krul-svd-loss: per-conversation greedy pairs at threshold `tau` (svd-loss
@@ -408,7 +408,8 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
     the fixed plans calibrated on dev (`cal`). svd policies at `rank_ratio` (default: the
     calibration's, else the registry's); krul-svd-loss shrinks its scores toward the dev mean by
     `prior_weight` (default the calibration's, else 0); the svd-loss pair both pair their
-    layers by `pairing` (default the calibration's, else greedy as the paper)."""
+    layers by `pairing` (default the calibration's, else greedy as the paper); krul-svd-loss
+    validates its plan against the dev plan on the last `validate_tokens` positions (0: off)."""
     from krul.policies import FIXED_PLAN_KEYS, fixed_loss_plan, get_policy, with_dev_scores, with_rank_ratio
     from krul.selector import pair_ratio
 
@@ -417,6 +418,8 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
         policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
     if policy.pair_score == "svd-loss":
         policy = with_dev_scores(policy, cal, prior_weight, pairing)
+    if _validate_for(name, validate_tokens) is not None:
+        policy = policy.with_params(validate_tokens=int(validate_tokens))
     params = dict(policy.selector_params)
     ratio = pair_ratio(n_layers, k, float(params.get("pair_layer_equiv", 1.0)))
     if policy.selector == "krul":
@@ -463,7 +466,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
            max_turns: int = 3, policies=CURVE_POLICIES, pair_counts=(1, 2, 4), tau: float | None = None,
            calibration: str | Path | None = None, progress: bool = True,
            out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None,
-           prior_weight: float | None = None, pairing: str | None = None) -> dict:
+           prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
@@ -473,7 +476,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     `out_dir` (default: beside the calibrations); a `tag` names a separate set of files
     (`<model>.curves-<split>-<tag>.*`). svd policies run at `rank_ratio` (default: the calibration's),
     krul-svd-loss with `prior_weight` (default: the calibration's, else 0), the svd-loss pair with
-    `pairing` (default: the calibration's, else greedy).
+    `pairing` (default: the calibration's, else greedy), krul-svd-loss validating its plans on
+    `validate_tokens` positions (0: off).
     """
     from tqdm.auto import tqdm
 
@@ -507,24 +511,28 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
                     and _compress_for(g["policy"], rank_ratio, cal) in (None, g.get("compress"))
                     and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0)
                     and g.get("pairing", _pairing_for(g["policy"], "greedy", cal))
-                    == _pairing_for(g["policy"], pairing, cal))
+                    == _pairing_for(g["policy"], pairing, cal)
+                    and g.get("validate_tokens") == _validate_for(g["policy"], validate_tokens))
             if same:
                 done[(g["policy"], g["n_pairs"])] = g
     todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
     points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
     if todo:
         records, base_rows = base_pass(adapter, convs, max_turns, progress)
-        scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing)
+        scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing,
+                               validate_tokens)
                   for n, k in todo]
         scored = [p for p in scored if p.pair_score == "svd-loss"]
         losses = record_pair_losses(adapter, scored[0], convs, max_turns, progress) if scored else None
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
-            policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing)
+            policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing,
+                                  validate_tokens)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns, losses)
             point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
                          rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params),
                          prior_weight=_prior_for(name, prior_weight, cal),
                          pairing=_pairing_for(name, pairing, cal),
+                         validate_tokens=_validate_for(name, validate_tokens),
                          pairs=[list(q) for q in policy_pairs(policy)])
             points.append(point)
             with open(partial, "a") as f:
@@ -572,6 +580,14 @@ def _pairing_for(name: str, pairing: str | None, cal: dict) -> str | None:
     if name not in ("krul-svd-loss", "krul-fix-svd-loss"):
         return None
     return pairing or cal.get("pairing", "greedy")
+
+
+def _validate_for(name: str, validate_tokens: int) -> int | None:
+    """The plan-validation window of a curve point of policy `name` (None for the policies that
+    have no plan of their own to validate, and, as older points, for krul-svd-loss at 0)."""
+    if name != "krul-svd-loss" or not validate_tokens:
+        return None
+    return int(validate_tokens)
 
 
 def policy_pairs(policy) -> tuple:
@@ -627,11 +643,14 @@ def main_curves(argv) -> int:
     p.add_argument("--pairing", default=None, choices=["greedy", "matching"],
                    help="krul-svd-loss / krul-fix-svd-loss: pair greedily (the paper) or by exact "
                         "least-total matching (default: the calibration's, else greedy)")
+    p.add_argument("--validate-tokens", type=int, default=0,
+                   help="krul-svd-loss: store, per segment, its own plan or the dev plan, whichever "
+                        "changes the predictions at the history's last N positions less (0: off)")
     args = p.parse_args(argv)
     rec = curves(args.model, args.split, args.n_conversations, args.max_tokens, policies=args.policies,
                  pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
                  tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight,
-                 pairing=args.pairing)
+                 pairing=args.pairing, validate_tokens=args.validate_tokens)
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))

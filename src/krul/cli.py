@@ -133,6 +133,10 @@ def cmd_replay(args) -> int:
                 if row.get("plan", {}).get("pairs"):
                     print(f"    plan: pairs={row['plan']['pairs']} sensitive={row['plan'].get('sensitive')} "
                           f"recompute_ratio={row['recompute_ratio']:.3f}")
+                    v = row["plan"].get("validation")
+                    if v and v.get("candidates", 1) > 1:
+                        print(f"    validated on {v['tokens']} tokens: stored the {v['chosen']} plan "
+                              f"(KL own {v['kl_own']:.2e}, dev {v['kl_dev']:.2e})")
     return 0
 
 

@@ -228,7 +228,9 @@ class Engine:
         offloaded = self.policy.offload(self, conversation_id, end_ids, cache, state)
         del cache
 
-        restored_plan = state.meta.get("plan", {}) if state is not None else {}
+        restored_plan = dict(state.meta.get("plan", {})) if state is not None else {}
+        if state is not None and "validation" in state.meta:  # which candidate plan was stored, and why
+            restored_plan["validation"] = state.meta["validation"]
         loaded_full, loaded_stored, rec_ratio = 0, 0, 0.0
         if state is not None:
             n, lkb = state.n_tokens, adapter.layer_kv_bytes_per_token()

@@ -78,6 +78,13 @@ class RestorePolicy:
     # conversation alone, 1 = the dev plan (krul-fix-svd-loss). Calibrated on dev.
     prior_weight: float = 0.0
     pair_prior: tuple | None = None
+    # plan validation (beyond the paper, `validation.py`): when > 0, the state of the selector's own
+    # plan and that of the dev plan (the first pairs of `dev_pairs`, as many as the own plan has,
+    # none on a layer the conversation protects) are both built, the model's predictions at the
+    # history's last `validate_tokens` positions are compared with the exact KV's, and the state
+    # of lower KL divergence is stored; 0 = the selector's plan, unchecked
+    validate_tokens: int = 0
+    dev_pairs: tuple | None = None
 
     def with_params(self, **changes) -> "RestorePolicy":
         """A copy with fields changed (e.g. `recompute_ratio`, `selector_params`)."""
@@ -204,16 +211,63 @@ class RestorePolicy:
         n_old = previous.n_tokens if previous is not None else 0
         segment = [(k[:, :, n_old:len(token_ids)], v[:, :, n_old:len(token_ids)]) for k, v in layers_kv]
         plan = self.plan(engine, conversation_id, n_layers, segment, n_old)
-        lengths, predicted = self.split_lengths(engine, len(token_ids), n_layers, plan)
+        state = self.build(engine, token_ids, layers_kv, previous, plan)
+        if self.validate_tokens:
+            state = self.validated(engine, token_ids, layers_kv, previous, plan, state)
+        return engine.store.put(conversation_id, state)
+
+    def build(self, engine, token_ids: list[int], layers_kv, previous: StoredState | None, plan,
+              meta: dict | None = None) -> StoredState:
+        """The state storing `plan` (or no compression when None) under this policy's split."""
+        adapter = engine.adapter
+        lengths, predicted = self.split_lengths(engine, len(token_ids), adapter.n_layers, plan)
         pairs = plan.pairs if plan is not None else ()
         method = plan.method if plan is not None else "merge"
         compress = dict(self.compress_params) if method != "share" else {}
         meta = {"policy": self.name, "plan": plan.to_dict() if plan is not None else {},
-                "predicted": predicted}
-        state = build_state(adapter.fingerprint(), torch.tensor(token_ids), layers_kv,
-                            lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
-                            meta=meta)
-        return engine.store.put(conversation_id, state)
+                "predicted": predicted, **(meta or {})}
+        return build_state(adapter.fingerprint(), torch.tensor(token_ids), layers_kv,
+                           lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
+                           meta=meta)
+
+    def dev_plan(self, plan):
+        """The dev plan as a candidate for `plan`: the first `len(plan.pairs)` of `dev_pairs` that
+        avoid `plan`'s protected layers, or None (no dev pairs, too few, or the same pairs)."""
+        from krul.selector import CompressionPlan
+
+        if plan is None or not plan.pairs or not self.dev_pairs:
+            return None
+        blocked = set(plan.sensitive)
+        pairs = [tuple(p) for p in self.dev_pairs if not blocked.intersection(p)][:len(plan.pairs)]
+        if len(pairs) < len(plan.pairs) or set(pairs) == set(plan.pairs):
+            return None
+        return CompressionPlan(tuple(pairs), plan.sensitive, plan.method, plan.n_layers)
+
+    def validated(self, engine, token_ids: list[int], layers_kv, previous: StoredState | None, plan,
+                  state: StoredState) -> StoredState:
+        """Of `state` (the selector's `plan`) and the dev plan's state, the one whose restored history
+        changes the next-token predictions at the history's last positions least (`validation.py`);
+        the divergences go in the state's meta["validation"]."""
+        from krul import validation
+
+        if not self.dev_pairs:
+            raise PolicyError(f"policy {self.name!r} validates its plans against the dev plan but has no "
+                              "dev pairs: calibrate it (python -m krul.calibrate --policy krul-svd-loss)")
+        alternative = self.dev_plan(plan)
+        n_window = validation.window(len(token_ids), len(token_ids) - (previous.n_tokens if previous else 0),
+                                     self.validate_tokens)
+        if alternative is None or n_window == 0:
+            state.meta["validation"] = {"chosen": "own", "candidates": 1}
+            return state
+        reference = validation.next_token_logprobs(engine.adapter, token_ids, layers_kv, n_window)
+        dev_state = self.build(engine, token_ids, layers_kv, previous, alternative)
+        scores = {"own": validation.state_divergence(engine.adapter, state, reference),
+                  "dev": validation.state_divergence(engine.adapter, dev_state, reference)}
+        chosen = min(scores, key=scores.get)  # ties keep the own plan (first)
+        out = state if chosen == "own" else dev_state
+        out.meta["validation"] = {"chosen": chosen, "candidates": 2, "tokens": n_window,
+                                  **{f"kl_{k}": v for k, v in scores.items()}}
+        return out
 
 
 def load_bytes_per_token(plan, n_layers: int, layer_bytes: float, retain_ratio: float = 0.0,
@@ -352,6 +406,8 @@ def with_dev_scores(policy: RestorePolicy, cal: dict, prior_weight: float | None
         changes["layer_weights"] = tuple(cal["layer_sensitivity"])
     if cal.get("mean_pair_loss"):
         changes["pair_prior"] = json_matrix(cal["mean_pair_loss"])
+    if cal.get("krul_fix_loss_pairs"):
+        changes["dev_pairs"] = tuple(tuple(int(x) for x in p) for p in cal["krul_fix_loss_pairs"])
     weight = prior_weight if prior_weight is not None else cal.get("prior_weight")
     if weight is not None:
         changes["prior_weight"] = float(weight)
