@@ -216,8 +216,7 @@ class RestorePolicy:
             state = self.validated(engine, token_ids, layers_kv, previous, plan, state)
         return engine.store.put(conversation_id, state)
 
-    def build(self, engine, token_ids: list[int], layers_kv, previous: StoredState | None, plan,
-              meta: dict | None = None) -> StoredState:
+    def build(self, engine, token_ids: list[int], layers_kv, previous: StoredState | None, plan) -> StoredState:
         """The state storing `plan` (or no compression when None) under this policy's split."""
         adapter = engine.adapter
         lengths, predicted = self.split_lengths(engine, len(token_ids), adapter.n_layers, plan)
@@ -225,7 +224,7 @@ class RestorePolicy:
         method = plan.method if plan is not None else "merge"
         compress = dict(self.compress_params) if method != "share" else {}
         meta = {"policy": self.name, "plan": plan.to_dict() if plan is not None else {},
-                "predicted": predicted, **(meta or {})}
+                "predicted": predicted}
         return build_state(adapter.fingerprint(), torch.tensor(token_ids), layers_kv,
                            lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
                            meta=meta)
