@@ -7,34 +7,22 @@ conversation's own scores) and krul-fix-svd-loss (one plan from the record's dev
 "mean_pair_loss", with the same pairing). One JSON line per point, per-conversation nll sums with it.
 """
 import argparse, json, time
-from pathlib import Path
 
 import torch
-from krul import models
-from krul.adapter import ModelAdapter
-from krul.calibrate import base_pass, curve_policy, per_conv, pick_conversations, record_pair_losses, replay_with
-from krul.evaluation import paired_ratio_ci, summarize
-from krul.policies import get_policy, json_matrix, with_dev_scores, with_rank_ratio
+from dev_eval import out_of_sample, scored_replay
+from krul.calibrate import curve_policy
+from krul.policies import json_matrix
 from krul.selector import PAIRINGS
 
 p = argparse.ArgumentParser()
 p.add_argument("model"); p.add_argument("n_eval", type=int); p.add_argument("pairs", type=int, nargs="+")
 p.add_argument("--pairings", nargs="+", default=["greedy", "matching"], choices=list(PAIRINGS))
 a = p.parse_args()
-cal = json.loads(Path(f"experiments/calibration/{a.model}.svd-loss.json").read_text())
+t0 = time.time()
+cal, ad, eval_convs, records, base_rows, losses = out_of_sample(a.model, a.n_eval)
 if "mean_pair_loss" not in cal:
     raise SystemExit("the record has no mean_pair_loss: run pair_prior_dev.py --write first")
-m, tok = models.load_model(a.model)
-ad = ModelAdapter(m, tok, a.model)
-t0 = time.time()
-pool = pick_conversations("dev", len(cal["conversations"]) + a.n_eval, 2000, tok, cal["max_turns"])
-eval_convs = [c for c in pool if c.id not in cal["conversations"]][:a.n_eval]
-print(json.dumps({"eval": [c.id for c in eval_convs]}), flush=True)
-scorer = with_dev_scores(with_rank_ratio(get_policy("krul-svd-loss"), cal["rank_ratio"]), cal, 0.0)
 prior = torch.tensor(json_matrix(cal["mean_pair_loss"]), dtype=torch.float64)
-records, base_rows = base_pass(ad, eval_convs, cal["max_turns"], False)
-losses = record_pair_losses(ad, scorer, eval_convs, cal["max_turns"], False)
-base = per_conv(base_rows)
 for k in a.pairs:
     for pairing in a.pairings:
         own = curve_policy("krul-svd-loss", k, ad.n_layers, cal, cal["tau"], cal["rank_ratio"], 0.0)
@@ -43,13 +31,9 @@ for k in a.pairs:
         fix = curve_policy("krul-fix-svd-loss", k, ad.n_layers, cal, cal["tau"], cal["rank_ratio"])
         fix = fix.with_params(selector_params={**fix.selector_params, "pairs": tuple(fixed_pairs)})
         for pol in (own, fix):
-            rows = replay_with(ad, pol, eval_convs, records, cal["max_turns"], losses=losses)
-            s = summarize(rows, ad.name, pol.name)
-            pt, lo, hi = paired_ratio_ci(per_conv(rows), base)
-            print(json.dumps({"policy": pol.name, "pairs": k, "pairing": pairing,
-                              "compression_ratio": round(s["compression_ratio"], 4), "nll_ratio": round(pt, 5),
-                              "nll_ratio_lo": round(lo, 5), "nll_ratio_hi": round(hi, 5),
+            _, fields = scored_replay(ad, pol, eval_convs, records, base_rows, losses, cal["max_turns"])
+            per = fields.pop("per_conv")
+            print(json.dumps({"policy": pol.name, "pairs": k, "pairing": pairing, **fields,
                               "seconds": round(time.time() - t0, 1),
                               **({"fixed_pairs": [list(q) for q in fixed_pairs]} if pol is fix else {}),
-                              "per_conv": {c: [round(x[0], 4), x[1]] for c, x in per_conv(rows).items()}}),
-                  flush=True)
+                              "per_conv": per}), flush=True)
