@@ -3,17 +3,20 @@
 Supported families: Llama-style decoders whose `model.model` has `embed_tokens`, `rotary_emb`,
 `layers[i]` (a decoder layer callable on a slice of hidden states) and `norm`: Llama, Qwen2 (and
 SmolLM2, which is a Llama). The adapter knows nothing about policies, stores or conversations: it
-runs forwards, recomputes the KV of a prefix layer by layer (the pyramid restore), and converts
-between `DynamicCache` and per-layer `(keys, values)` tuples of shape
-`(batch, kv_heads, tokens, head_dim)`.
+runs forwards, recomputes the KV of a prefix layer by layer (the pyramid restore; `recompute_into`
+writes it into a `BufferCache`, a transformers `Cache` over preallocated per-layer buffers that
+`krul.restore` fills and the model continues from), captures attention through a registered
+attention function, and converts between `DynamicCache` and per-layer `(keys, values)` tuples of
+shape `(batch, kv_heads, tokens, head_dim)`.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -270,3 +273,225 @@ class ModelAdapter:
         attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
         return attn_output, attn_weights
     # === end of attention capture ===============================================================
+
+
+# =============================================================================================
+# Restore buffers: a Cache over preallocated per-layer buffers, and the pyramid recompute into it
+# (used by krul.restore; everything there uses only the tensors)
+# =============================================================================================
+class BufferLayer(DynamicLayer):
+    """One layer's K and V in preallocated buffers `(1, kv_heads, capacity, head_dim)`.
+
+    `update` writes the new tokens in place at the current length and returns views of the
+    buffers (no concatenation, no reallocation). `keys`/`values` are always the views
+    `[:, :, :length]`; assigning a prefix view of the buffer (as `ModelAdapter.crop` does) sets the
+    length, assigning another tensor copies it in.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, keys_buf: torch.Tensor, values_buf: torch.Tensor):
+        self._k_buf, self._v_buf = keys_buf, values_buf
+        self.length = 0
+        self.pending: list = []  # CUDA events the layer's restored tokens wait on (per-layer join)
+        super().__init__()
+        self.dtype, self.device = keys_buf.dtype, keys_buf.device
+        self.is_initialized = True
+
+    # the views the rest of transformers reads
+    def join(self) -> None:
+        """Make the current stream wait until this layer's restored tokens are written."""
+        if self.pending:
+            stream = torch.cuda.current_stream(self._k_buf.device)
+            for ev in self.pending:
+                stream.wait_event(ev)
+            self.pending = []
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._k_buf[:, :, :self.length]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self._assign(self._k_buf, value)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v_buf[:, :, :self.length]
+
+    @values.setter
+    def values(self, value) -> None:
+        self._assign(self._v_buf, value)
+
+    def _assign(self, buf: torch.Tensor, value) -> None:
+        if value is None:  # base-class initialisation
+            return
+        n = value.shape[-2]
+        if n > buf.shape[-2]:
+            raise ValueError(f"{n} tokens do not fit a buffer of capacity {buf.shape[-2]}")
+        if value.data_ptr() != buf.data_ptr():
+            buf[:, :, :n].copy_(value)
+        self.length = n
+
+    @property
+    def capacity(self) -> int:
+        return self._k_buf.shape[-2]
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write `(1, kv_heads, q, head_dim)` new K/V at [length, length + q); return the full views."""
+        start = self.length
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"the KV buffer holds {self.capacity} tokens; {end} needed. Size the "
+                             "BufferCache for history + new input (+ decoded tokens)")
+        self.join()
+        self._k_buf[:, :, start:end].copy_(key_states)
+        self._v_buf[:, :, start:end].copy_(value_states)
+        self.length = end
+        if start == 0 and key_states.dtype == self._k_buf.dtype:
+            # the fresh (contiguous) tensors equal what was written; attention reads them directly
+            return key_states, value_states
+        return self.keys, self.values
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length=None, *args) -> tuple[int, int]:
+        """(kv_length, kv_offset); older transformers pass `cache_position` (a tensor) instead."""
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length or 0)
+        return self.length + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.2x name
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        self.length = max(0, self.length + max_length) if max_length < 0 else min(self.length, max_length)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def offload(self):
+        raise NotImplementedError("BufferCache layers live in preallocated device buffers; offload "
+                                  "through krul.store instead")
+
+    def prefetch(self):
+        raise NotImplementedError("BufferCache layers live in preallocated device buffers")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("BufferCache holds one sequence (batch 1)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("BufferCache holds one sequence (batch 1)")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("BufferCache holds one sequence (batch 1)")
+
+
+class BufferCache(Cache):
+    """A transformers `Cache` whose layers are preallocated buffers (see `BufferLayer`).
+
+    Parameters
+    ----------
+    n_layers, n_kv_heads, head_dim : the model's KV geometry.
+    capacity : tokens each layer holds (history + new input, + decoded tokens if any).
+    dtype, device : the model's.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (1, n_kv_heads, int(capacity), head_dim)
+        layers = [BufferLayer(torch.empty(shape, dtype=dtype, device=device),
+                              torch.empty(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def for_adapter(cls, adapter: ModelAdapter, capacity: int) -> "BufferCache":
+        return cls(adapter.n_layers, adapter.n_kv_heads, adapter.head_dim, capacity, adapter.dtype,
+                   adapter.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
+
+    def set_length(self, n_tokens: int) -> None:
+        """Declare every layer to hold `n_tokens` tokens (the buffers are not touched)."""
+        if not 0 <= n_tokens <= self.capacity:
+            raise ValueError(f"length {n_tokens} outside [0, {self.capacity}]")
+        for layer in self.layers:
+            layer.length = int(n_tokens)
+
+    def join(self) -> None:
+        """Make the current stream wait for every layer's pending restore (see `restore_into`)."""
+        for layer in self.layers:
+            layer.join()
+
+    def buffers(self, layer_idx: int) -> KV:
+        """The whole `(keys, values)` buffers of a layer, `(1, kv_heads, capacity, head_dim)`."""
+        layer = self.layers[layer_idx]
+        return layer._k_buf, layer._v_buf
+
+    def kv(self) -> list[KV]:
+        """Per layer `(keys, values)` views of the held tokens, `(1, kv_heads, length, head_dim)`."""
+        self.join()
+        return [(layer.keys, layer.values) for layer in self.layers]
+
+    def fill_(self, value: float) -> "BufferCache":
+        """Overwrite every buffer (tests and checks: unwritten regions then show up)."""
+        self.join()
+        for layer in self.layers:
+            layer._k_buf.fill_(value)
+            layer._v_buf.fill_(value)
+        return self
+
+    def nbytes(self) -> int:
+        return sum(2 * layer._k_buf.numel() * layer._k_buf.element_size() for layer in self.layers)
+
+
+@torch.inference_mode()
+def recompute_into(adapter: ModelAdapter, token_ids: torch.Tensor, lengths: Sequence[int],
+                   cache: BufferCache, on_layer: Callable[[int, str], None] | None = None) -> None:
+    """Recompute layer l's KV of tokens [0:L_l] into `cache` layer by layer (the pyramid).
+
+    Layer l runs on the hidden states of tokens [0:L_l] that layer l-1 produced, which exist
+    because `lengths` is non-increasing; causal attention makes the result the plain forward's.
+    Each recomputed layer's buffer region [0:L_l] is written by the layer's own `cache.update`;
+    its length is L_l afterwards. Layers with L_l = 0 are not touched.
+
+    token_ids : (1, >= L_0) on the adapter's device ; lengths : (n_layers,) non-increasing.
+    on_layer : called as `on_layer(layer_idx, "start" | "end")` around each layer (timelines).
+    """
+    n_layers = adapter.n_layers
+    if len(lengths) != n_layers:
+        raise ValueError(f"lengths has {len(lengths)} entries for {n_layers} layers")
+    if any(b > a for a, b in zip(lengths, lengths[1:])):
+        raise ValueError(f"recompute lengths must be non-increasing with depth: {list(lengths)}")
+    n0 = int(lengths[0])
+    if n0 == 0:
+        return
+    inner = adapter.model.model
+    ids = token_ids[:, :n0]
+    positions = torch.arange(n0, device=ids.device)[None]
+    hidden = inner.embed_tokens(ids)
+    cos, sin = inner.rotary_emb(hidden, position_ids=positions)
+    last = max(i for i, n in enumerate(lengths) if n > 0)
+    for layer_idx in range(last + 1):
+        n = int(lengths[layer_idx])
+        if on_layer is not None:
+            on_layer(layer_idx, "start")
+        cache.layers[layer_idx].length = 0
+        hidden = hidden[:, :n]
+        hidden = inner.layers[layer_idx](
+            hidden, attention_mask=adapter._causal_mask(n), position_ids=positions[:, :n],
+            past_key_values=cache, use_cache=True, position_embeddings=(cos[:, :n], sin[:, :n]))
+        if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
+            hidden = hidden[0]
+        if on_layer is not None:
+            on_layer(layer_idx, "end")

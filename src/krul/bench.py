@@ -46,9 +46,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from krul import profile, scheduler  # noqa: E402
-from krul.adapter import ModelAdapter  # noqa: E402
+from krul.adapter import BufferCache, ModelAdapter, recompute_into  # noqa: E402
 from krul.policies import POLICIES, load_bytes_per_token  # noqa: E402
-from krul.restore import BufferCache, DiskSource, drop_page_cache, host_pool, recompute_into, restore_into  # noqa: E402
+from krul.restore import DiskSource, drop_page_cache, host_pool, restore_into  # noqa: E402
 from krul.selector import CompressionPlan, MiniCacheSelector, n_pairs_for_ratio  # noqa: E402
 from krul.store import DiskStore, MemoryStore, build_state  # noqa: E402
 

@@ -27,8 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from krul.adapter import ModelAdapter
-from krul.restore import BufferCache, DiskSource, drop_page_cache, host_pool, recompute_into, restore_into
+from krul.adapter import BufferCache, ModelAdapter, recompute_into
+from krul.restore import DiskSource, drop_page_cache, host_pool, restore_into
 from krul.scheduler import RestoreRates
 from krul.store import DiskStore, MemoryStore, StoreError, TIERS, build_state
 
