@@ -399,7 +399,8 @@ def with_rank_ratio_or_self(policy, rank_ratio: float | None):
 
 
 def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None,
-                 prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0):
+                 prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0,
+                 rank_alloc: str = "uniform"):
     """Policy `name` compressing `k` layer pairs at recompute ratio 0.
 
     krul / krul-svd / krul-svd-loss: per-conversation greedy pairs at threshold `tau` (svd-loss
@@ -409,13 +410,15 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
     calibration's, else the registry's); krul-svd-loss shrinks its scores toward the dev mean by
     `prior_weight` (default the calibration's, else 0); the svd-loss pair both pair their
     layers by `pairing` (default the calibration's, else greedy as the paper); krul-svd-loss
-    validates its plan against the dev plan on the last `validate_tokens` positions (0: off)."""
-    from krul.policies import FIXED_PLAN_KEYS, fixed_loss_plan, get_policy, with_dev_scores, with_rank_ratio
+    validates its plan against the dev plan on the last `validate_tokens` positions (0: off); svd
+    policies spread each segment's rank budget over its pairs by `rank_alloc`."""
+    from krul.policies import (FIXED_PLAN_KEYS, fixed_loss_plan, get_policy, with_dev_scores, with_rank_alloc,
+                               with_rank_ratio)
     from krul.selector import pair_ratio
 
     policy = get_policy(name, recompute_ratio=0.0)
     if policy.selector_params.get("method") == "svd":
-        policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
+        policy = with_rank_alloc(with_rank_ratio(policy, _rank_for(name, rank_ratio, cal)), rank_alloc)
     if policy.pair_score == "svd-loss":
         policy = with_dev_scores(policy, cal, prior_weight, pairing)
     if _validate_for(name, validate_tokens) is not None:
@@ -466,7 +469,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
            max_turns: int = 3, policies=CURVE_POLICIES, pair_counts=(1, 2, 4), tau: float | None = None,
            calibration: str | Path | None = None, progress: bool = True,
            out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None,
-           prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0) -> dict:
+           prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0,
+           rank_alloc: str = "uniform") -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
@@ -508,7 +512,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
             same = (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
                     and g.get("tau") == tau and g.get("calibration") == cal_path.name
                     and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal)
-                    and _compress_for(g["policy"], rank_ratio, cal) in (None, g.get("compress"))
+                    and _compress_for(g["policy"], rank_ratio, cal, rank_alloc) in (None, g.get("compress"))
                     and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0)
                     and g.get("pairing", _pairing_for(g["policy"], "greedy", cal))
                     == _pairing_for(g["policy"], pairing, cal)
@@ -520,13 +524,13 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     if todo:
         records, base_rows = base_pass(adapter, convs, max_turns, progress)
         scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing,
-                               validate_tokens)
+                               validate_tokens, rank_alloc)
                   for n, k in todo]
         scored = [p for p in scored if p.pair_score == "svd-loss"]
         losses = record_pair_losses(adapter, scored[0], convs, max_turns, progress) if scored else None
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
             policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing,
-                                  validate_tokens)
+                                  validate_tokens, rank_alloc)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns, losses)
             point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
                          rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params),
@@ -595,15 +599,16 @@ def policy_pairs(policy) -> tuple:
     return tuple(policy.selector_params.get("pairs", ())) if policy.selector != "krul" else ()
 
 
-def _compress_for(name: str, rank_ratio: float | None, cal: dict) -> dict | None:
+def _compress_for(name: str, rank_ratio: float | None, cal: dict, rank_alloc: str = "uniform") -> dict | None:
     """The compression parameters a curve point of policy `name` runs with (svd policies only:
     older points of the other policies carry none and still resume)."""
-    from krul.policies import get_policy, with_rank_ratio
+    from krul.policies import get_policy, with_rank_alloc, with_rank_ratio
 
     policy = get_policy(name)
     if policy.selector_params.get("method") != "svd":
         return None
-    return dict(with_rank_ratio(policy, _rank_for(name, rank_ratio, cal)).compress_params)
+    policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
+    return dict(with_rank_alloc(policy, rank_alloc).compress_params)
 
 
 def _provenance() -> dict:
@@ -646,11 +651,15 @@ def main_curves(argv) -> int:
     p.add_argument("--validate-tokens", type=int, default=0,
                    help="krul-svd-loss: store, per segment, its own plan or the dev plan, whichever "
                         "changes the predictions at the history's last N positions less (0: off)")
+    p.add_argument("--rank-alloc", default="uniform", choices=["uniform", "segment", "pairs"],
+                   help="svd policies: every pair at the same rank (xKV, default), or each segment's "
+                        "K (and V) rank budget spread over its pairs by their own spectra (pairs), "
+                        "or over pairs and K/V together (segment); same bytes")
     args = p.parse_args(argv)
     rec = curves(args.model, args.split, args.n_conversations, args.max_tokens, policies=args.policies,
                  pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
                  tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight,
-                 pairing=args.pairing, validate_tokens=args.validate_tokens)
+                 pairing=args.pairing, validate_tokens=args.validate_tokens, rank_alloc=args.rank_alloc)
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))

@@ -300,6 +300,22 @@ def with_rank_ratio(policy: "RestorePolicy", rank_ratio: float) -> "RestorePolic
                               selector_params={**policy.selector_params, "pair_layer_equiv": svd_pair_size(compress)})
 
 
+def with_rank_alloc(policy: "RestorePolicy", rank_alloc: str) -> "RestorePolicy":
+    """An svd policy whose pairs of one segment share its rank budget by `rank_alloc`
+    (`compression.RANK_ALLOCATIONS`; "uniform", xKV's equal ranks, is the default and drops the key).
+    The stored bytes stay those of uniform ranks, so the selector's pair size does not change."""
+    from krul.compression import RANK_ALLOCATIONS
+
+    if policy.selector_params.get("method") != "svd":
+        raise PolicyError(f"policy {policy.name!r} does not compress with svd; rank_alloc is for svd")
+    if rank_alloc not in RANK_ALLOCATIONS:
+        raise PolicyError(f"rank_alloc must be one of {RANK_ALLOCATIONS}; got {rank_alloc!r}")
+    compress = {k: v for k, v in policy.compress_params.items() if k != "rank_alloc"}
+    if rank_alloc != "uniform":
+        compress["rank_alloc"] = rank_alloc
+    return policy.with_params(compress_params=compress)
+
+
 def svd_pair_size(compress_params: dict) -> float:
     """Stored size of one svd pair in layer-equivalents: 2 * (rank_ratio + retain_ratio)."""
     return 2.0 * (compress_params["rank_ratio"] + compress_params.get("retain_ratio", 0.0))

@@ -375,17 +375,17 @@ def build_state(fingerprint: dict, token_ids: torch.Tensor, layers_kv: Sequence[
             items.append(StoredItem((l,), lengths[l], gap_end,
                                     ExactLayer(k[:, :, lengths[l]:gap_end], v[:, :, lengths[l]:gap_end])))
     paired = {l for pair in pairs for l in pair}
-    compress_kwargs = compress_kwargs or {}
-    if pairs:
-        from krul.compression import compress_pair
+    jobs = []
     for a, b in pairs:
         start = max(n_old, min(lengths[a], lengths[b]))
-        if start >= n_new:
-            continue
-        kv_a = tuple(t[:, :, start:n_new] for t in layers_kv[a])
-        kv_b = tuple(t[:, :, start:n_new] for t in layers_kv[b])
-        kwargs = {**compress_kwargs, "offset": start} if method != "share" else compress_kwargs
-        items.append(StoredItem((a, b), start, n_new, compress_pair(method, kv_a, kv_b, a, b, **kwargs)))
+        if start < n_new:
+            jobs.append((a, b, tuple(t[:, :, start:n_new] for t in layers_kv[a]),
+                         tuple(t[:, :, start:n_new] for t in layers_kv[b]), start))
+    if jobs:
+        from krul.compression import compress_pairs
+
+        for (a, b, _, _, start), payload in zip(jobs, compress_pairs(method, jobs, **(compress_kwargs or {}))):
+            items.append(StoredItem((a, b), start, n_new, payload))
     for l in range(n_layers):
         start = max(n_old, lengths[l])
         if l in paired or start >= n_new:

@@ -378,3 +378,101 @@ def test_svd_pair_losses_truncated_basis_is_an_upper_bound_and_layers_restrict()
         svd_pair_losses(layers, layers=[0, 7])
     with pytest.raises(ValueError, match="reduce"):
         svd_pair_losses(layers, reduce="max")
+
+
+def _sq_err(pair, kv_a, kv_b, weights=(1.0, 1.0), relative=False):
+    """Sum over K and V of w_a e_a + w_b e_b, e_l layer l's squared error (relative: over its energy)."""
+    total = 0.0
+    for got, ref, w in zip(pair.expand(), (kv_a, kv_b), weights):
+        for x, r in zip(got, ref):
+            e = float((x.double() - r.double()).pow(2).sum())
+            total += w * (e / float(r.double().pow(2).sum()) if relative else e)
+    return total
+
+
+def _alloc_jobs(shape=(1, 1, 12, 4)):
+    """Two pairs with different spectra: one nearly rank 1, one spread over many directions."""
+    return [(0, 1, *low_rank_pair(1, seed=21, noise=0.05, shape=shape), 0),
+            (2, 3, *low_rank_pair(6, seed=22, noise=0.5, shape=shape), 0)]
+
+
+def test_segment_rank_allocation_is_the_brute_force_optimum_within_the_uniform_bytes():
+    """allocate_svd_ranks' ranks minimise the segment's total squared error (the sum of each
+    matrix's tail singular mass) over every rank assignment that stores no more than uniform
+    ranks, found by enumeration; and the stored pairs are no larger than uniform's."""
+    import itertools
+
+    from krul.compression import allocate_svd_ranks, compress_pairs
+
+    jobs = _alloc_jobs()
+    ranks = allocate_svd_ranks([(kv_a, kv_b, off, None) for _, _, kv_a, kv_b, off in jobs],
+                               rank_ratio=0.5, sink_tokens=0)
+    uniform = compress_pairs("svd", jobs, rank_ratio=0.5, sink_tokens=0)
+    segment = compress_pairs("svd", jobs, rank_alloc="segment", rank_ratio=0.5, sink_tokens=0)
+    assert [(p.data["k_coef"].shape[-1], p.data["v_coef"].shape[-1]) for p in segment] == ranks
+    assert sum(p.nbytes() for p in segment) <= sum(p.nbytes() for p in uniform)
+    assert ranks != [(p.rank, p.rank) for p in uniform]  # the spectra differ: the ranks move
+    flat = lambda x: x.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1).double()[0]
+    spectra = [torch.linalg.svdvals(torch.cat([flat(kv_a[i]), flat(kv_b[i])], -1)).pow(2)
+               for _, _, kv_a, kv_b, _ in jobs for i in (0, 1)]
+    budget = sum(p.data["k_coef"].shape[-1] + p.data["v_coef"].shape[-1] for p in uniform)
+    best = min((sum(float(s[r:].sum()) for s, r in zip(spectra, rs)), rs)
+               for rs in itertools.product(*(range(1, s.numel() + 1) for s in spectra)) if sum(rs) <= budget)
+    got = [r for pair in ranks for r in pair]
+    assert sum(float(s[r:].sum()) for s, r in zip(spectra, got)) == pytest.approx(best[0], rel=1e-9)
+    errs = [sum(_sq_err(p, kv_a, kv_b) for p, (_, _, kv_a, kv_b, _) in zip(ps, jobs)) for ps in (uniform, segment)]
+    assert errs[1] < errs[0]
+    assert errs[1] == pytest.approx(best[0], rel=1e-4)
+
+
+def test_pairs_rank_allocation_keeps_the_k_and_v_budgets_apart():
+    from krul.compression import compress_pairs
+
+    jobs = _alloc_jobs()
+    uniform = compress_pairs("svd", jobs, rank_ratio=0.5, sink_tokens=0)
+    pairs = compress_pairs("svd", jobs, rank_alloc="pairs", rank_ratio=0.5, sink_tokens=0)
+    for kv in ("k_coef", "v_coef"):
+        assert sum(p.data[kv].shape[-1] for p in pairs) <= sum(p.data[kv].shape[-1] for p in uniform)
+    assert [p.data["k_coef"].shape[-1] for p in pairs] != [p.data["k_coef"].shape[-1] for p in uniform]
+
+
+def test_layer_weights_basis_lowers_the_weighted_relative_error_and_options_are_checked():
+    """With layer_weights the basis minimises w_a e_a + w_b e_b (relative errors): no worse on it
+    than the joint basis, at the same ranks and bytes; and the options are refused where they do
+    not apply."""
+    from krul.compression import compress_pairs
+
+    kv_a, kv_b = low_rank_pair(20, seed=23, noise=0.4)
+    kv_b = tuple(2.0 * t for t in kv_b)  # layer b dominates the joint error
+    w = (4.0, 1.0)
+    joint = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.3, sink_tokens=0)
+    weighted = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.3, sink_tokens=0, layer_weights=w)
+    assert weighted.nbytes() == joint.nbytes()
+    assert (_sq_err(weighted, kv_a, kv_b, w, relative=True)
+            < 0.99 * _sq_err(joint, kv_a, kv_b, w, relative=True))
+    jobs = [(0, 1, kv_a, kv_b, 0)]
+    via = compress_pairs("svd", jobs, layer_weights=[4.0, 1.0], rank_ratio=0.3, sink_tokens=0)[0]
+    assert torch.equal(via.data["k_coef"], weighted.data["k_coef"])
+    with pytest.raises(ValueError, match="rank_alloc"):
+        compress_pairs("svd", jobs, rank_alloc="per-layer")
+    with pytest.raises(ValueError, match="svd options"):
+        compress_pairs("merge", jobs, rank_alloc="segment")
+    with pytest.raises(ValueError, match="layer_weights"):
+        svd_pair(kv_a, kv_b, 0, 1, layer_weights=(-1.0, 1.0))
+
+
+def test_unequal_ranks_and_weighted_bases_crop_and_round_trip():
+    """Allocated pairs (K rank != V rank) and weighted bases crop and serialise like uniform ones."""
+    from krul.compression import compress_pairs
+
+    jobs = _alloc_jobs(shape=(1, 2, 40, 8))
+    for p in compress_pairs("svd", jobs, rank_alloc="segment", layer_weights=[1.0, 2.0, 0.5, 1.0],
+                            rank_ratio=0.5, sink_tokens=1, retain_ratio=0.05):
+        full = p.expand()
+        c = p.crop_left(7)
+        for side in range(2):
+            for j in range(2):
+                assert torch.equal(c.expand()[side][j], full[side][j][:, :, 7:])
+        r = CompressedPair.from_tensors({k: v.clone() for k, v in p.tensors().items()},
+                                        {k: str(v) for k, v in p.meta().items()})
+        assert all(torch.equal(r.tensors()[k], t) for k, t in p.tensors().items())

@@ -22,6 +22,19 @@ def test_with_rank_ratio_moves_both_knobs_and_refuses_other_methods():
         with_rank_ratio(get_policy("krul"), 0.5)
 
 
+def test_with_rank_alloc_sets_or_drops_the_option_and_refuses_what_does_not_apply():
+    from krul.policies import with_rank_alloc
+
+    p = with_rank_alloc(get_policy("krul-fix-svd"), "pairs")
+    assert p.compress_params["rank_alloc"] == "pairs"
+    assert p.selector_params == get_policy("krul-fix-svd").selector_params  # same bytes: same plan
+    assert "rank_alloc" not in with_rank_alloc(p, "uniform").compress_params
+    with pytest.raises(PolicyError, match="svd"):
+        with_rank_alloc(get_policy("krul"), "pairs")
+    with pytest.raises(PolicyError, match="rank_alloc"):
+        with_rank_alloc(get_policy("krul-svd"), "per-layer")
+
+
 def test_load_bytes_per_token_for_svd_pairs():
     plan = CompressionPlan(((0, 1),), (), "svd", 4)
     per = load_bytes_per_token(plan, 4, 100.0, rank_ratio=0.5)
