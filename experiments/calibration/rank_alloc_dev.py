@@ -3,7 +3,7 @@
 Usage: python experiments/calibration/rank_alloc_dev.py MODEL N_EVAL PAIRS...
 On the N_EVAL out-of-sample dev conversations (dev_eval.out_of_sample, as pairing_dev.py), for each
 pair count and policy (default krul-fix-svd-loss): uniform ranks (xKV, the default); rank_alloc
-"segment" / "pairs" (joint absolute error); the basis of relative errors (layer_weights 1) alone and
+"segment" / "pairs" (joint absolute error); the basis of relative errors (basis_weights 1) alone and
 with "segment"; and "segment" weighted by the record's `layer_sensitivity`. Same bytes by
 construction; one JSON line per point.
 """
@@ -25,9 +25,9 @@ for k in a.pairs:
         for variant in a.variants:
             pol = curve_policy(name, k, ad.n_layers, cal, cal["tau"], cal["rank_ratio"])
             extra = {"uniform": {}, "segment": {"rank_alloc": "segment"}, "pairs": {"rank_alloc": "pairs"},
-                     "relative-basis": {"layer_weights": [1.0] * ad.n_layers},
-                     "segment-relative": {"rank_alloc": "segment", "layer_weights": [1.0] * ad.n_layers},
-                     "segment-weighted": {"rank_alloc": "segment", "layer_weights": weights}}[variant]
+                     "relative-basis": {"basis_weights": [1.0] * ad.n_layers},
+                     "segment-relative": {"rank_alloc": "segment", "basis_weights": [1.0] * ad.n_layers},
+                     "segment-weighted": {"rank_alloc": "segment", "basis_weights": weights}}[variant]
             pol = pol.with_params(compress_params={**pol.compress_params, **extra})
             _, fields = scored_replay(ad, pol, eval_convs, records, base_rows, losses, cal["max_turns"])
             per = fields.pop("per_conv")

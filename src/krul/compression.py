@@ -333,7 +333,7 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
              rank_ratio: float = 0.625, sink_tokens: int = 1, retain_ratio: float = 0.0,
              offset: int = 0, value_share: float = 0.5, retain_by: str = "relative",
              ranks: tuple[int, int] | None = None,
-             layer_weights: tuple[float, float] | None = None) -> CompressedPair:
+             basis_weights: tuple[float, float] | None = None) -> CompressedPair:
     """Cross-layer joint low-rank compression (after xKV, Chang et al. 2025, arXiv 2503.18893).
 
     For K and for V separately, each token's vectors of both layers (all heads) are concatenated
@@ -362,7 +362,7 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
     retain_by : "relative" | "absolute"  retention score: relative or absolute squared residual
     ranks : (K rank, V rank) to use instead of `svd_rank`'s (beyond the paper: `allocate_svd_ranks`
         spreads a segment's rank budget over its pairs); each clipped to [0, min(fit tokens, width)]
-    layer_weights : (w_a, w_b) or None. When given, the basis minimises w_a e_a + w_b e_b, with e_l
+    basis_weights : (w_a, w_b) or None. When given, the basis minimises w_a e_a + w_b e_b, with e_l
         layer l's relative squared error, instead of the pair's joint error: each layer's columns are
         scaled by sqrt(w_l / ||X_l||^2) before the SVD and the stored basis is unscaled (its rows are
         then not orthonormal); expansion is unchanged
@@ -385,7 +385,7 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
     if retain_by not in ("relative", "absolute"):
         raise ValueError(f"retain_by must be 'relative' or 'absolute'; got {retain_by!r}")
     for i, (kv, x_a, x_b) in enumerate((("k", kv_a[0], kv_b[0]), ("v", kv_a[1], kv_b[1]))):
-        x, scale = _svd_matrix(x_a, x_b, n_sink, layer_weights, work)
+        x, scale = _svd_matrix(x_a, x_b, n_sink, basis_weights, work)
         width = x.shape[-1]
         share = 2.0 * (value_share if kv == "v" else 1.0 - value_share)  # of the K+V budget
         rank = svd_rank(n_tokens - n_sink, width, min(1.0, rank_ratio * share))
@@ -414,16 +414,16 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
     return CompressedPair("svd", layer_a, layer_b, data)
 
 
-def _svd_matrix(x_a: Tensor, x_b: Tensor, n_sink: int, layer_weights, work) -> tuple[Tensor, Tensor]:
+def _svd_matrix(x_a: Tensor, x_b: Tensor, n_sink: int, basis_weights, work) -> tuple[Tensor, Tensor]:
     """X = [X_a | X_b] (batch, tokens, width) in `work` dtype, and the column scale (width,) that
-    turns the joint squared error into w_a e_a + w_b e_b (ones without `layer_weights`)."""
+    turns the joint squared error into w_a e_a + w_b e_b (ones without `basis_weights`)."""
     x = torch.cat([_flat(x_a.detach().to(work)), _flat(x_b.detach().to(work))], dim=-1)
     half = x.shape[-1] // 2
     scale = x.new_ones(x.shape[-1])
-    if layer_weights is not None:
-        for j, w in enumerate(layer_weights):
+    if basis_weights is not None:
+        for j, w in enumerate(basis_weights):
             if not w >= 0.0:
-                raise ValueError(f"layer_weights must be >= 0; got {tuple(layer_weights)}")
+                raise ValueError(f"basis_weights must be >= 0; got {tuple(basis_weights)}")
             energy = x[:, n_sink:, j * half:(j + 1) * half].pow(2).sum()
             scale[j * half:(j + 1) * half] = math.sqrt(max(float(w), _EPS) / max(float(energy), _EPS))
     return x, scale
@@ -436,7 +436,7 @@ def allocate_svd_ranks(jobs, rank_ratio: float = 0.625, sink_tokens: int = 1,
     Beyond the paper (and xKV, which gives every pair the same rank). The budget is what the pairs
     would store at `svd_rank`'s uniform ranks: sum over pairs and K/V of r * (tokens + width)
     elements. Adding one rank to a pair's K or V removes the next singular value^2 of its (weighted,
-    see `svd_pair`'s `layer_weights`) fit from the error and costs tokens + width elements; the
+    see `svd_pair`'s `basis_weights`) fit from the error and costs tokens + width elements; the
     singular values of each matrix descend, so taking the units of largest gain per element first,
     as long as they fit in the budget, gives each matrix a prefix of its spectrum (the greedy of
     the fractional problem). Every matrix keeps rank >= 1. The result never stores more than the
@@ -444,7 +444,7 @@ def allocate_svd_ranks(jobs, rank_ratio: float = 0.625, sink_tokens: int = 1,
 
     Parameters
     ----------
-    jobs : list of (kv_a, kv_b, offset, layer_weights or None): each pair's segment KV, each
+    jobs : list of (kv_a, kv_b, offset, basis_weights or None): each pair's segment KV, each
         (batch, kv_heads, tokens, head_dim), its absolute start and its `svd_pair` weights
     rank_ratio, sink_tokens, value_share : as in `svd_pair`
     split_kv : keep K's and V's budgets apart (allocate only across pairs) instead of one budget
@@ -631,7 +631,7 @@ def compress_pair(method: str, kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, 
 RANK_ALLOCATIONS = ("uniform", "segment", "pairs")
 
 
-def compress_pairs(method: str, jobs, rank_alloc: str = "uniform", layer_weights=None,
+def compress_pairs(method: str, jobs, rank_alloc: str = "uniform", basis_weights=None,
                    **kwargs) -> list[CompressedPair]:
     """Compress one segment's layer pairs with `method`; kwargs go to the method.
 
@@ -639,7 +639,7 @@ def compress_pairs(method: str, jobs, rank_alloc: str = "uniform", layer_weights
     rank_alloc : "uniform" (every svd pair at `svd_rank`'s rank, as xKV) | "segment" (beyond the
         paper: `allocate_svd_ranks` spreads the same budget over the segment's pairs and K/V) |
         "pairs" (the same, but K's and V's budgets kept apart: spread over the pairs only)
-    layer_weights : per model layer, the nll cost of a unit of relative squared error (dev
+    basis_weights : per model layer, the nll cost of a unit of relative squared error (dev
         sensitivity) or None (the joint absolute error, as xKV); svd only: with it each pair's
         basis, and the allocation, minimise the weighted sum of its two layers' relative errors
 
@@ -650,21 +650,21 @@ def compress_pairs(method: str, jobs, rank_alloc: str = "uniform", layer_weights
     if rank_alloc not in RANK_ALLOCATIONS:
         raise ValueError(f"rank_alloc must be one of {RANK_ALLOCATIONS}; got {rank_alloc!r}")
     if method != "svd":
-        if rank_alloc != "uniform" or layer_weights is not None:
-            raise ValueError(f"rank_alloc and layer_weights are svd options; method is {method!r}")
+        if rank_alloc != "uniform" or basis_weights is not None:
+            raise ValueError(f"rank_alloc and basis_weights are svd options; method is {method!r}")
         return [compress_pair(method, kv_a, kv_b, a, b, **({**kwargs, "offset": off} if method != "share"
                                                             else kwargs))
                 for a, b, kv_a, kv_b, off in jobs]
     weights = [None] * len(jobs)
-    if layer_weights is not None:
-        weights = [(float(layer_weights[a]), float(layer_weights[b])) for a, b, *_ in jobs]
+    if basis_weights is not None:
+        weights = [(float(basis_weights[a]), float(basis_weights[b])) for a, b, *_ in jobs]
     ranks = [None] * len(jobs)
     if rank_alloc != "uniform" and jobs:
         keys = ("rank_ratio", "sink_tokens", "value_share")
         ranks = allocate_svd_ranks([(kv_a, kv_b, off, wt) for (_, _, kv_a, kv_b, off), wt in zip(jobs, weights)],
                                    split_kv=rank_alloc == "pairs",
                                    **{k: v for k, v in kwargs.items() if k in keys})
-    return [svd_pair(kv_a, kv_b, a, b, **{**kwargs, "offset": off, "ranks": r, "layer_weights": wt})
+    return [svd_pair(kv_a, kv_b, a, b, **{**kwargs, "offset": off, "ranks": r, "basis_weights": wt})
             for (a, b, kv_a, kv_b, off), r, wt in zip(jobs, ranks, weights)]
 
 

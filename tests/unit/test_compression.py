@@ -436,8 +436,8 @@ def test_pairs_rank_allocation_keeps_the_k_and_v_budgets_apart():
     assert [p.data["k_coef"].shape[-1] for p in pairs] != [p.data["k_coef"].shape[-1] for p in uniform]
 
 
-def test_layer_weights_basis_lowers_the_weighted_relative_error_and_options_are_checked():
-    """With layer_weights the basis minimises w_a e_a + w_b e_b (relative errors): no worse on it
+def test_basis_weights_lower_the_weighted_relative_error_and_options_are_checked():
+    """With basis_weights the basis minimises w_a e_a + w_b e_b (relative errors): no worse on it
     than the joint basis, at the same ranks and bytes; and the options are refused where they do
     not apply."""
     from krul.compression import compress_pairs
@@ -446,19 +446,19 @@ def test_layer_weights_basis_lowers_the_weighted_relative_error_and_options_are_
     kv_b = tuple(2.0 * t for t in kv_b)  # layer b dominates the joint error
     w = (4.0, 1.0)
     joint = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.3, sink_tokens=0)
-    weighted = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.3, sink_tokens=0, layer_weights=w)
+    weighted = svd_pair(kv_a, kv_b, 0, 1, rank_ratio=0.3, sink_tokens=0, basis_weights=w)
     assert weighted.nbytes() == joint.nbytes()
     assert (_sq_err(weighted, kv_a, kv_b, w, relative=True)
             < 0.99 * _sq_err(joint, kv_a, kv_b, w, relative=True))
     jobs = [(0, 1, kv_a, kv_b, 0)]
-    via = compress_pairs("svd", jobs, layer_weights=[4.0, 1.0], rank_ratio=0.3, sink_tokens=0)[0]
+    via = compress_pairs("svd", jobs, basis_weights=[4.0, 1.0], rank_ratio=0.3, sink_tokens=0)[0]
     assert torch.equal(via.data["k_coef"], weighted.data["k_coef"])
     with pytest.raises(ValueError, match="rank_alloc"):
         compress_pairs("svd", jobs, rank_alloc="per-layer")
     with pytest.raises(ValueError, match="svd options"):
         compress_pairs("merge", jobs, rank_alloc="segment")
-    with pytest.raises(ValueError, match="layer_weights"):
-        svd_pair(kv_a, kv_b, 0, 1, layer_weights=(-1.0, 1.0))
+    with pytest.raises(ValueError, match="basis_weights"):
+        svd_pair(kv_a, kv_b, 0, 1, basis_weights=(-1.0, 1.0))
 
 
 def test_unequal_ranks_and_weighted_bases_crop_and_round_trip():
@@ -466,7 +466,7 @@ def test_unequal_ranks_and_weighted_bases_crop_and_round_trip():
     from krul.compression import compress_pairs
 
     jobs = _alloc_jobs(shape=(1, 2, 40, 8))
-    for p in compress_pairs("svd", jobs, rank_alloc="segment", layer_weights=[1.0, 2.0, 0.5, 1.0],
+    for p in compress_pairs("svd", jobs, rank_alloc="segment", basis_weights=[1.0, 2.0, 0.5, 1.0],
                             rank_ratio=0.5, sink_tokens=1, retain_ratio=0.05):
         full = p.expand()
         c = p.crop_left(7)
