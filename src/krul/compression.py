@@ -391,13 +391,15 @@ def svd_pair(kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor], layer_a: 
         rank = svd_rank(n_tokens - n_sink, width, min(1.0, rank_ratio * share))
         if ranks is not None:
             rank = max(0, min(int(ranks[i]), n_tokens - n_sink, width))
-        fit = (x * scale)[:, n_sink:]
+        xs = x * scale if basis_weights is not None else x  # the weighted fit (x itself without weights)
+        fit = xs[:, n_sink:]
         if rank:
             basis = torch.linalg.svd(fit, full_matrices=False).Vh[:, :rank]  # (batch, r, width)
         else:
             basis = x.new_zeros(x.shape[0], 0, width)
-        coef = (x * scale) @ basis.transpose(1, 2)
-        basis = basis / scale  # the scaled fit's basis, unscaled: coef @ basis approximates x
+        coef = xs @ basis.transpose(1, 2)
+        if basis_weights is not None:
+            basis = basis / scale  # the scaled fit's basis, unscaled: coef @ basis approximates x
         resid = (x - coef @ basis).pow(2).sum(-1)
         if retain_by == "relative":
             resid = resid / x.pow(2).sum(-1).clamp_min(_EPS)
