@@ -286,14 +286,20 @@ class BufferLayer(DynamicLayer):
     buffers (no concatenation, no reallocation). `keys`/`values` are always the views
     `[:, :, :length]`; assigning a prefix view of the buffer (as `ModelAdapter.crop` does) sets the
     length, assigning another tensor copies it in.
+
+    `grow` : when a write would pass the capacity, reallocate buffers of 1.5x (or what is needed)
+    and copy the held tokens over, instead of raising. Off on timing paths, where a reallocation
+    would be an unmeasured cost; on for the engine's decode and teacher-forced tail, whose lengths
+    are not known before the turn runs.
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, keys_buf: torch.Tensor, values_buf: torch.Tensor):
+    def __init__(self, keys_buf: torch.Tensor, values_buf: torch.Tensor, grow: bool = False):
         self._k_buf, self._v_buf = keys_buf, values_buf
+        self.grow = grow
         self.length = 0
         self.pending: list = []  # CUDA events the layer's restored tokens wait on (per-layer join)
         super().__init__()
@@ -315,7 +321,7 @@ class BufferLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, value) -> None:
-        self._assign(self._k_buf, value)
+        self._assign("_k_buf", value)
 
     @property
     def values(self) -> torch.Tensor:
@@ -323,14 +329,17 @@ class BufferLayer(DynamicLayer):
 
     @values.setter
     def values(self, value) -> None:
-        self._assign(self._v_buf, value)
+        self._assign("_v_buf", value)
 
-    def _assign(self, buf: torch.Tensor, value) -> None:
+    def _assign(self, name: str, value) -> None:
         if value is None:  # base-class initialisation
             return
         n = value.shape[-2]
-        if n > buf.shape[-2]:
-            raise ValueError(f"{n} tokens do not fit a buffer of capacity {buf.shape[-2]}")
+        if n > self.capacity:
+            if not self.grow:
+                raise ValueError(f"{n} tokens do not fit a buffer of capacity {self.capacity}")
+            self._reserve(n)
+        buf = getattr(self, name)
         if value.data_ptr() != buf.data_ptr():
             buf[:, :, :n].copy_(value)
         self.length = n
@@ -338,6 +347,16 @@ class BufferLayer(DynamicLayer):
     @property
     def capacity(self) -> int:
         return self._k_buf.shape[-2]
+
+    def _reserve(self, n_tokens: int) -> None:
+        """Reallocate both buffers to hold >= `n_tokens`, keeping the first `length` tokens."""
+        self.join()
+        cap = max(int(n_tokens), self.capacity + self.capacity // 2)
+        for name in ("_k_buf", "_v_buf"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[:-2] + (cap, old.shape[-1]))
+            new[:, :, :self.length].copy_(old[:, :, :self.length])
+            setattr(self, name, new)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.is_initialized = True
@@ -347,8 +366,10 @@ class BufferLayer(DynamicLayer):
         start = self.length
         end = start + key_states.shape[-2]
         if end > self.capacity:
-            raise ValueError(f"the KV buffer holds {self.capacity} tokens; {end} needed. Size the "
-                             "BufferCache for history + new input (+ decoded tokens)")
+            if not self.grow:
+                raise ValueError(f"the KV buffer holds {self.capacity} tokens; {end} needed. Size the "
+                                 "BufferCache for history + new input (+ decoded tokens), or pass grow=True")
+            self._reserve(end)
         self.join()
         self._k_buf[:, :, start:end].copy_(key_states)
         self._v_buf[:, :, start:end].copy_(value_states)
@@ -403,19 +424,21 @@ class BufferCache(Cache):
     n_layers, n_kv_heads, head_dim : the model's KV geometry.
     capacity : tokens each layer holds (history + new input, + decoded tokens if any).
     dtype, device : the model's.
+    grow : layers reallocate instead of raising when a write passes the capacity (`BufferLayer`).
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, grow: bool = False):
         shape = (1, n_kv_heads, int(capacity), head_dim)
         layers = [BufferLayer(torch.empty(shape, dtype=dtype, device=device),
-                              torch.empty(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+                              torch.empty(shape, dtype=dtype, device=device), grow=grow)
+                  for _ in range(n_layers)]
         super().__init__(layers=layers)
 
     @classmethod
-    def for_adapter(cls, adapter: ModelAdapter, capacity: int) -> "BufferCache":
+    def for_adapter(cls, adapter: ModelAdapter, capacity: int, grow: bool = False) -> "BufferCache":
         return cls(adapter.n_layers, adapter.n_kv_heads, adapter.head_dim, capacity, adapter.dtype,
-                   adapter.device)
+                   adapter.device, grow=grow)
 
     @property
     def capacity(self) -> int:

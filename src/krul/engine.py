@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from krul.adapter import ModelAdapter
+from krul.adapter import BufferCache, ModelAdapter
 from krul.policies import RestorePolicy, get_policy
-from krul.restore import restore
+from krul.restore import restore_cache
 from krul.store import KVStore, StoreError
 
 
@@ -171,17 +170,23 @@ class Engine:
         if turn_idx > 0 and state is None and messages_before:
             raise StoreError(f"conversation {conversation_id!r}: no stored state for turn {turn_idx} "
                              f"in the {self.store.tier} tier; replay it from its first turn")
+        # the history this turn will keep, when it is known now (teacher-forced): sizes the cache
+        teacher = self.history == "teacher" and reply is not None
+        end_ids = (self.render(messages_before + [user, {"role": "assistant", "content": reply}],
+                               add_generation_prompt=False) if teacher else None)
+        capacity = max(len(ctx_ids) + self.max_new_tokens, len(end_ids) if end_ids else 0)
         t_start = time.perf_counter()
         report = None
         if state is not None:
-            layers, report = restore(adapter, state)
-            cache = adapter.cache_from_kv(layers)
+            # the same restore the bench times: into buffers the new input and decode write in place
+            cache, report = restore_cache(adapter, state, extra_tokens=max(0, capacity - state.n_tokens),
+                                          grow=True)
             hist = state.token_ids.tolist()
             keep = min(_common_prefix(hist, ctx_ids), len(ctx_ids) - 1)
             if keep < len(hist):  # re-tokenisation changed the boundary: drop the tail, exact anyway
                 adapter.crop(cache, keep)
         else:
-            cache, keep = DynamicCache(), 0
+            cache, keep = BufferCache.for_adapter(adapter, capacity, grow=True), 0
         restore_s = time.perf_counter() - t_start
 
         # 2. prefill the new input, first token
@@ -205,9 +210,9 @@ class Engine:
 
         # 4. the history to keep: the real reply (teacher-forced) or the generated answer
         adapter.crop(cache, len(ctx_ids))
-        content = reply if (self.history == "teacher" and reply is not None) else text
-        end_ids = self.render(messages_before + [user, {"role": "assistant", "content": content}],
-                              add_generation_prompt=False)
+        if end_ids is None:
+            end_ids = self.render(messages_before + [user, {"role": "assistant", "content": text}],
+                                  add_generation_prompt=False)
         keep2 = _common_prefix(ctx_ids, end_ids)
         if keep2 < len(ctx_ids):
             adapter.crop(cache, keep2)
@@ -215,7 +220,7 @@ class Engine:
         nll_sum, token_nll = 0.0, []
         if tail.shape[1]:
             tail_logits = self._forward(conversation_id, tail, cache)[0]
-            if reply is not None and self.history == "teacher" and keep2 == len(ctx_ids):
+            if teacher and keep2 == len(ctx_ids):
                 # position i's logits predict token i+1; the first reply token is predicted by the
                 # last context position (from step 2)
                 preds = torch.cat([last_ctx_logits[None].to(tail_logits.device), tail_logits[:-1]])

@@ -963,15 +963,14 @@ def _time_restore(adapter, store, key: str, new_ids: list[int], repeats: int, wa
     """Restore a stored state and prefill `new_ids` over it; per repeat restore_s, ttft_s, the report."""
     import torch
 
-    from krul.restore import restore
+    from krul.restore import restore_cache
 
     out = []
     for rep in range(warmup + repeats):
         with torch.inference_mode():
             t0 = time.perf_counter()
             state = store.get(key)
-            layers, report = restore(adapter, state)
-            cache = adapter.cache_from_kv(layers)
+            cache, report = restore_cache(adapter, state, extra_tokens=len(new_ids))
             t1 = time.perf_counter()
             logits = adapter.forward(torch.tensor([new_ids], dtype=torch.long), cache, logits_to_keep=1)
             int(logits[0, -1].argmax())

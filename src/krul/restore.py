@@ -7,6 +7,9 @@ recomputed (layer by layer on sliced hidden states, `recompute_into`), tokens [L
 (copied to the device and, for compressed pairs, expanded). The two parts of a layer are disjoint
 regions of the same buffer, so nothing is concatenated and nothing is copied twice; the model then
 continues from the same `BufferCache` (a transformers `Cache` whose layers write in place).
+The engine's turns and the figures' timings restore through `restore_cache` (a fresh cache sized for
+the history and what follows it), the bench through `restore_into` (buffers it allocated outside the
+timed region): the same executor either way.
 
 How the streams run:
 - CUDA: recompute on its own stream; host-to-device copies on a copy stream; expansion and placement
@@ -816,6 +819,27 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
     return report
 
 
+def restore_cache(adapter: ModelAdapter, state: StoredState | DiskSource, extra_tokens: int = 0,
+                  grow: bool = False, overlap: bool = True) -> tuple[BufferCache, "RestoreReport"]:
+    """Restore a state's history into a fresh `BufferCache` that the next forwards continue from.
+
+    extra_tokens : capacity beyond the history (new input, decoded tokens) so that the forwards
+        that follow write in place; `grow` lets the cache reallocate past it instead of raising.
+    Returns the cache (holding `n_tokens` tokens) and the report (`recompute_s`, `load_s`, `restore_s`).
+    """
+    if isinstance(state, DiskSource):
+        n = state.open().state.n_tokens
+    else:
+        n = state.n_tokens
+    if extra_tokens < 0:
+        raise ValueError(f"extra_tokens must be >= 0; got {extra_tokens}")
+    cache = BufferCache.for_adapter(adapter, n + int(extra_tokens), grow=grow)
+    if adapter.device.type == "cuda":
+        torch.cuda.synchronize(adapter.device)
+    report = restore_into(adapter, state, cache, overlap=overlap)
+    return cache, report
+
+
 def restore(adapter: ModelAdapter, state: StoredState | DiskSource, overlap: bool = True
             ) -> tuple[list[KV], RestoreReport]:
     """Restore every layer's KV of the state's history on the adapter's device.
@@ -826,14 +850,7 @@ def restore(adapter: ModelAdapter, state: StoredState | DiskSource, overlap: boo
         the whole buffers of a fresh `BufferCache` of capacity n_tokens (contiguous).
     report : per-stream measured times (`recompute_s`, `load_s`) and the total `restore_s`.
     """
-    if isinstance(state, DiskSource):
-        n = state.open().state.n_tokens
-    else:
-        n = state.n_tokens
-    cache = BufferCache.for_adapter(adapter, n)
-    if adapter.device.type == "cuda":
-        torch.cuda.synchronize(adapter.device)
-    report = restore_into(adapter, state, cache, overlap=overlap)
+    cache, report = restore_cache(adapter, state, overlap=overlap)
     return cache.kv(), report
 
 

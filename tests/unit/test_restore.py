@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2C
 
 from krul.adapter import ModelAdapter
 from krul.restore import (BufferCache, DiskSource, HostPool, load_layers, recompute_into, restore,
-                          restore_into)
+                          restore_cache, restore_into)
 from krul.store import DiskStore, MemoryStore, StoreError, build_state
 
 N = 40
@@ -209,6 +209,32 @@ def test_buffer_cache_views_and_crop():
     buf.update(k[:, :, :2], k[:, :, :2], 0)
     assert torch.equal(buf.layers[0].keys[:, :, 4:6], k[:, :, :2])
     assert buf.get_mask_sizes(3, 0)[0] == 9
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_growing_buffer_cache_continues_past_its_capacity(kind):
+    """With grow=True a restored cache too small for the new input and decode reallocates, keeps
+    every held token, and the logits still match one plain forward; restore_cache sizes it."""
+    adapter = _adapter(kind, layers=3, seed=4)
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        full = adapter.model(input_ids=ids).logits
+        cache = DynamicCache()
+        adapter.model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+        state = build_state(adapter.fingerprint(), ids[0, :20], adapter.kv_from_cache(cache), [9, 4, 0], None)
+        buf, report = restore_cache(adapter, state, extra_tokens=2, grow=True)
+        assert buf.capacity == 22 and buf.get_seq_length() == 20 and report.restore_s > 0
+        logits = adapter.forward(ids[:, 20:27], buf)  # passes 22: reallocates
+        assert buf.capacity >= 27 and buf.get_seq_length() == 27
+        steps = [adapter.forward(ids[:, i:i + 1], buf)[:, -1] for i in range(27, 30)]
+        ModelAdapter.crop(buf, 25)
+        again = adapter.forward(ids[:, 25:30], buf)
+    assert float((logits - full[:, 20:27]).abs().max()) < 1e-4
+    for i, step in zip(range(27, 30), steps):
+        assert float((step - full[:, i]).abs().max()) < 1e-4
+    assert float((again - full[:, 25:30]).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="extra_tokens"):
+        restore_cache(adapter, state, extra_tokens=-1)
 
 
 def test_recompute_into_rejects_growing_lengths(tiny):
