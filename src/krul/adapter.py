@@ -196,10 +196,10 @@ class ModelAdapter:
     def capture_attention(self, observer):
         """Context manager: every attention layer hands its probabilities to `observer`.
 
-        Inside the block attention is computed as eager attention computes it (repeat_kv, scaling,
-        additive mask, softmax in float32) and `observer(layer_idx, probs)` is called per layer
-        with probs: (1, heads, q, k) float32 (query heads; GQA keys are repeated), before the cast
-        to the model's dtype. The observer must not modify `probs`. Captures do not nest.
+        Inside the block attention is computed with eager attention's math (scaling, additive mask,
+        softmax in float32; GQA by grouping the query heads instead of repeating K and V) and
+        `observer(layer_idx, probs)` is called per layer with probs: (1, heads, q, k) float32 (one
+        map per query head), before the cast to the model's dtype. The observer must not modify `probs`. Captures do not nest.
         """
         import contextlib
 
@@ -235,7 +235,7 @@ class ModelAdapter:
     @staticmethod
     def _capture_attention_forward(module, query, key, value, attention_mask, scaling,
                                    dropout: float = 0.0, **kwargs):
-        """`eager_attention_forward`, step for step, plus the hand-off of the probabilities.
+        """`eager_attention_forward`'s math, plus the hand-off of the probabilities.
 
         query: (batch, heads, q, head_dim); key, value: (batch, kv_heads, k, head_dim);
         attention_mask: additive float (batch, 1, q, k) (what transformers passes once the mask
@@ -244,17 +244,14 @@ class ModelAdapter:
         Returns (attn_output (batch, q, heads, head_dim), attn_weights (batch, heads, q, k)).
         """
         n_rep = module.num_key_value_groups
-
-        def repeat_kv(x: torch.Tensor) -> torch.Tensor:  # as transformers' repeat_kv
-            batch, n_kv, n_tok, head_dim = x.shape
-            if n_rep == 1:
-                return x
-            return x[:, :, None].expand(batch, n_kv, n_rep, n_tok, head_dim).reshape(
-                batch, n_kv * n_rep, n_tok, head_dim)
-
-        key_states, value_states = repeat_kv(key), repeat_kv(value)
-        attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-        n_q, n_k = query.shape[-2], key_states.shape[-2]
+        batch, n_heads, n_q, head_dim = query.shape
+        n_kv, n_k = key.shape[1], key.shape[-2]
+        # Grouped-query attention without transformers' repeat_kv: query head h = g * n_rep + j
+        # reads kv head g (repeat_kv's order), so the n_rep heads of group g are stacked as rows of
+        # one (n_rep * q, head_dim) matrix against that group's keys. The same products as eager,
+        # without materialising n_rep copies of K and V each step (what made decode slow).
+        q_grouped = query.reshape(batch, n_kv, n_rep * n_q, head_dim)
+        attn_weights = (torch.matmul(q_grouped, key.transpose(2, 3)) * scaling).view(batch, n_heads, n_q, n_k)
         if attention_mask is None and n_q > 1:
             rows = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
             attention_mask = torch.arange(n_k, device=query.device)[None, :] <= rows
@@ -270,7 +267,8 @@ class ModelAdapter:
             observer(module.layer_idx, probs)
         attn_weights = probs.to(query.dtype)
         attn_weights = torch.nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-        attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+        attn_output = torch.matmul(attn_weights.view(batch, n_kv, n_rep * n_q, n_k), value)
+        attn_output = attn_output.view(batch, n_heads, n_q, head_dim).transpose(1, 2).contiguous()
         return attn_output, attn_weights
     # === end of attention capture ===============================================================
 
