@@ -992,8 +992,11 @@ def _rates_or_fit(adapter, tier: str, fitted=None):
 def run_fig5_ratio_sweep(cfg: dict) -> pd.DataFrame:
     """TTFT vs the recompute ratio r (flat split, no compression) and the scheduler's choice."""
     from krul import scheduler
+    from krul.policies import get_policy
     from krul.store import build_state, make_store
 
+    # the scheduler as krul runs it: a split must promise min_gain over one stream (policies._MIN_GAIN)
+    min_gain = float(cfg.get("min_gain", get_policy("krul").min_gain))
     rows = []
     for model in cfg["models"]:
         adapter = get_adapter(model, cfg["device"])
@@ -1026,7 +1029,7 @@ def run_fig5_ratio_sweep(cfg: dict) -> pd.DataFrame:
                 print(f"scheduler choice not measured: {e}")
                 continue
             choice = scheduler.choose_split(n, adapter.n_layers, rates, adapter.layer_kv_bytes_per_token(),
-                                            slope=cfg.get("slope", 0.0))
+                                            slope=cfg.get("slope", 0.0), min_gain=min_gain)
             store.put("s", build_state(adapter.fingerprint(), torch.tensor(hist), kv, choice.lengths, None))
             for rep, t in enumerate(_time_restore(adapter, store, "s", new, cfg.get("repeats", 1))):
                 rows.append({"model": model, "history_tokens": n, "kind": "scheduler",
