@@ -1,9 +1,10 @@
 """How many conversations would tell per-conversation choice from the one dev plan: a power estimate.
 
 Usage: python experiments/calibration/power_dev.py LOG [--pairing greedy] [--by policy --own P --fixed P]
-From a pairing_dev.py log (or a pair_prior_dev.py one: `--by prior_weight --own 0.0 --fixed 1.0`) (per-conversation reply nll sums, `per_conv`), per pair count: the paired
-ratio R = sum(own) / sum(fixed) over the conversations, its standard error by the delta method
-(residuals own_c - R fixed_c, i.e. the ratio-of-sums estimator the curves report), and the number of
+From a pairing_dev.py log (or a pair_prior_dev.py one: `--by prior_weight --own 0.0 --fixed 1.0`),
+whose rows hold per-conversation reply nll sums (`per_conv`), per pair count: the paired ratio
+R = sum(own) / sum(fixed) over the conversations, its standard error by the delta method (residuals
+own_c - R fixed_c, i.e. the ratio-of-sums estimator the curves report), and the number of
 conversations of the same spread at which the 95% interval of R would exclude 1 if R stayed where
 it is: n * (1.96 SE / |R - 1|)^2. Pure arithmetic on the log; nothing is rerun.
 """

@@ -199,7 +199,8 @@ class ModelAdapter:
         Inside the block attention is computed with eager attention's math (scaling, additive mask,
         softmax in float32; GQA by grouping the query heads instead of repeating K and V) and
         `observer(layer_idx, probs)` is called per layer with probs: (1, heads, q, k) float32 (one
-        map per query head), before the cast to the model's dtype. The observer must not modify `probs`. Captures do not nest.
+        map per query head), before the cast to the model's dtype. The observer must not modify
+        `probs`. Captures do not nest.
         """
         import contextlib
 

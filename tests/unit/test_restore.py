@@ -173,17 +173,24 @@ def test_timeline_has_every_layer_of_both_streams(tiny):
     assert report.recompute_s > 0 and report.load_s > 0
 
 
+@torch.inference_mode()
+def _stored_prefix(kind: str, seed: int, lengths):
+    """A 3-layer model, 30 random tokens, their plain-forward logits (1, 30, vocab), and the state
+    of the first 20 tokens' exact KV with recompute lengths `lengths`."""
+    adapter = _adapter(kind, layers=3, seed=seed)
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(seed + 1))
+    full = adapter.model(input_ids=ids).logits
+    cache = DynamicCache()
+    adapter.model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+    state = build_state(adapter.fingerprint(), ids[0, :20], adapter.kv_from_cache(cache), lengths, None)
+    return adapter, ids, full, state
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_model_continues_from_buffer_cache(kind):
     """Prefill of new tokens and decode over a restored BufferCache match one plain forward (1e-5)."""
-    adapter = _adapter(kind, layers=3, seed=2)
-    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    adapter, ids, full, state = _stored_prefix(kind, seed=2, lengths=[12, 8, 2])
     with torch.inference_mode():
-        full = adapter.model(input_ids=ids).logits
-        cache = DynamicCache()
-        adapter.model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
-        ref = adapter.kv_from_cache(cache)
-        state = build_state(adapter.fingerprint(), ids[0, :20], ref, [12, 8, 2], None)
         buf = BufferCache.for_adapter(adapter, 30)
         restore_into(adapter, state, buf)
         logits = adapter.forward(ids[:, 20:28], buf)
@@ -215,13 +222,8 @@ def test_buffer_cache_views_and_crop():
 def test_growing_buffer_cache_continues_past_its_capacity(kind):
     """With grow=True a restored cache too small for the new input and decode reallocates, keeps
     every held token, and the logits still match one plain forward; restore_cache sizes it."""
-    adapter = _adapter(kind, layers=3, seed=4)
-    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    adapter, ids, full, state = _stored_prefix(kind, seed=4, lengths=[9, 4, 0])
     with torch.inference_mode():
-        full = adapter.model(input_ids=ids).logits
-        cache = DynamicCache()
-        adapter.model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
-        state = build_state(adapter.fingerprint(), ids[0, :20], adapter.kv_from_cache(cache), [9, 4, 0], None)
         buf, report = restore_cache(adapter, state, extra_tokens=2, grow=True)
         assert buf.capacity == 22 and buf.get_seq_length() == 20 and report.restore_s > 0
         logits = adapter.forward(ids[:, 20:27], buf)  # passes 22: reallocates
