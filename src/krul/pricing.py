@@ -1,0 +1,146 @@
+"""What a plan stores, in bytes, exactly as the store counts them (`StoredState.kv_bytes()`).
+
+The scheduler, the bench's bound and the reports price a plan by its payloads' real bytes. Those are
+not linear in the tokens: an svd pair's rank depends on its segment's length (`compression.svd_rank`)
+and its basis is paid once per segment, a merge or svd pair keeps `ceil(retain_ratio * tokens)`
+tokens exact plus the sink tokens, and every kept token costs a 4-byte index. So a pair is priced by
+`pair_nbytes(method, n_tokens, ...)`, which mirrors the compression functions tensor by tensor (the
+unit tests check it equals `CompressedPair.nbytes()` for every method and segment length), and a
+split by `PlanPricing.layer_bytes(lengths)`: each layer's share of the bytes its items load.
+
+This module knows nothing about models, stores or devices: geometry and parameters come in as
+numbers. It imports only `krul.compression` (for `svd_rank`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from krul.compression import METHODS, svd_rank
+
+_INDEX_BYTES = 4  # retain_idx is int32
+
+
+def _n_exact(n_tokens: int, n_sink: int, retain_ratio: float, fit_tokens: int) -> int:
+    """Tokens kept exact: the sinks plus ceil(retain_ratio * fit_tokens) (`compression._exact_tokens`)."""
+    n_retain = min(fit_tokens, math.ceil(retain_ratio * fit_tokens - 1e-9))
+    return min(n_tokens, n_sink + n_retain)
+
+
+def exact_nbytes(n_tokens: int, n_kv_heads: int, head_dim: int, elem_bytes: int, batch: int = 1) -> int:
+    """Bytes of one layer's exact K and V over `n_tokens` (`store.ExactLayer.nbytes()`)."""
+    return 2 * batch * n_kv_heads * max(0, int(n_tokens)) * head_dim * elem_bytes
+
+
+def pair_nbytes(method: str, n_tokens: int, n_kv_heads: int, head_dim: int, elem_bytes: int,
+                batch: int = 1, offset: int = 0, rank_ratio: float = 0.625, sink_tokens: int = 1,
+                retain_ratio: float = 0.0, value_share: float = 0.5, **_ignored) -> int:
+    """Bytes of one compressed pair over a segment of `n_tokens` starting at position `offset`.
+
+    Mirrors `compression.share_pair` / `merge_pair` / `svd_pair` (with uniform ranks: the default
+    `rank_alloc="uniform"`; the other allocations store at most this). Parameters not used by a
+    method are ignored (share takes none); defaults are the compression functions' own, except that
+    merge's `sink_tokens` defaults to 0 there (pass it explicitly for merge).
+
+    - share: K and V of one layer: 2 b h n d e.
+    - merge: directions 2 b h n d e, per-layer K and V norms 4 b h n e, and x = n_sink +
+      ceil(retain_ratio n) exact tokens: 4 b h x d e values + 4 x index bytes.
+    - svd: for K and for V at rank r = svd_rank(n - n_sink, w, rank_ratio * share) with
+      w = 2 h d: coefficients b n r e + basis b r w e; exact tokens as merge with the fit tokens
+      n - n_sink in place of n.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method '{method}'; known: {', '.join(METHODS)}")
+    n = max(0, int(n_tokens))
+    h, d, e, b = int(n_kv_heads), int(head_dim), int(elem_bytes), int(batch)
+    if method == "share":
+        return exact_nbytes(n, h, d, e, b)
+    n_sink = max(0, min(n, int(sink_tokens) - int(offset)))
+    if method == "merge":
+        x = _n_exact(n, n_sink, retain_ratio, n)
+        return 2 * b * h * n * d * e + 4 * b * h * n * e + 4 * b * h * x * d * e + _INDEX_BYTES * x
+    width = 2 * h * d
+    fit = n - n_sink
+    total = 0
+    for which in ("k", "v"):
+        share = 2.0 * (value_share if which == "v" else 1.0 - value_share)
+        r = svd_rank(fit, width, min(1.0, rank_ratio * share))
+        total += b * r * (n + width) * e
+    x = _n_exact(n, n_sink, retain_ratio, fit)
+    return total + 4 * b * h * x * d * e + _INDEX_BYTES * x
+
+
+@dataclass(frozen=True)
+class PlanPricing:
+    """The bytes a plan stores and loads for a history of `n_tokens`, per layer and in total.
+
+    A pair (a, b) is stored as one item over tokens [min(L_a, L_b), N) (`store.build_state`), loaded
+    whole unless both layers recompute all of it; its bytes are split evenly over its two layers.
+    Every other layer l stores exact tokens [L_l, N). `total_bytes(lengths)` equals
+    `StoredState.kv_bytes()` of the single-turn state that `build_state` makes for that split.
+
+    Attributes
+    ----------
+    n_tokens : N
+    n_layers, n_kv_heads, head_dim, elem_bytes : the KV geometry (elem_bytes: of the stored dtype)
+    pairs : the plan's layer pairs; () prices uncompressed storage
+    method : the pairs' compression method
+    params : the method's compression parameters (`pair_nbytes`' keywords)
+    """
+
+    n_tokens: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    elem_bytes: int
+    pairs: tuple[tuple[int, int], ...] = ()
+    method: str = "merge"
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_adapter(cls, adapter, n_tokens: int, plan=None, params: dict | None = None,
+                    elem_bytes: int | None = None) -> "PlanPricing":
+        """Pricing of `plan` (a `CompressionPlan` or None) on an adapter's geometry and dtype."""
+        import torch
+
+        e = elem_bytes or torch.finfo(adapter.dtype).bits // 8
+        pairs = tuple(plan.pairs) if plan is not None else ()
+        method = plan.method if plan is not None else "merge"
+        return cls(int(n_tokens), adapter.n_layers, adapter.n_kv_heads, adapter.head_dim, int(e), pairs,
+                   method, dict(params or {}) if method != "share" else {})
+
+    def pair_bytes(self, n_segment: int, offset: int = 0) -> int:
+        return pair_nbytes(self.method, n_segment, self.n_kv_heads, self.head_dim, self.elem_bytes,
+                           offset=offset, **self.params)
+
+    def layer_bytes(self, lengths: Sequence[int]) -> np.ndarray:
+        """(L,) bytes each layer loads under the split `lengths` (a pair's split over its two)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.shape != (self.n_layers,):
+            raise ValueError(f"lengths need one entry per layer ({self.n_layers}); got {lengths.shape}")
+        n = self.n_tokens
+        out = np.zeros(self.n_layers, dtype=np.float64)
+        paired = set()
+        for a, b in self.pairs:
+            paired.update((a, b))
+            start = int(min(lengths[a], lengths[b]))
+            if start < n:
+                nb = self.pair_bytes(n - start, offset=start)
+                out[a] += nb / 2
+                out[b] += nb / 2
+        for l in range(self.n_layers):
+            if l not in paired:
+                out[l] = exact_nbytes(n - int(lengths[l]), self.n_kv_heads, self.head_dim, self.elem_bytes)
+        return out
+
+    def total_bytes(self, lengths: Sequence[int] | None = None) -> int:
+        """Bytes stored for the split `lengths` (all loaded: None or zeros = the whole history)."""
+        lengths = np.zeros(self.n_layers, dtype=np.int64) if lengths is None else lengths
+        return int(round(float(self.layer_bytes(lengths).sum())))
+
+    def bytes_per_token(self) -> float:
+        """The whole history's stored bytes per token (all layers): the bound's b."""
+        return self.total_bytes() / self.n_tokens if self.n_tokens else 0.0
