@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,7 +46,9 @@ import torch  # noqa: E402
 
 from krul import profile, scheduler  # noqa: E402
 from krul.adapter import BufferCache, ModelAdapter, recompute_into  # noqa: E402
-from krul.policies import POLICIES, load_bytes_per_token  # noqa: E402
+from krul.plans import PlanError, SourcePlan, choose_plan, load_plan_file, map_pairs  # noqa: E402,F401
+from krul.policies import POLICIES  # noqa: E402
+from krul.pricing import PlanPricing  # noqa: E402
 from krul.restore import DiskSource, drop_page_cache, host_pool, restore_into  # noqa: E402
 from krul.selector import CompressionPlan, MiniCacheSelector, n_pairs_for_ratio  # noqa: E402
 from krul.store import DiskStore, MemoryStore, build_state  # noqa: E402
@@ -63,9 +64,9 @@ COLUMNS = [
     "plain_prefill_s", "plain_ttft_s", "prefill_tokens_per_s", "tier_bytes_per_s",
     "bound_bytes_per_token", "bound_recompute_ratio", "loaded_bytes", "kv_max_abs_err",
     "first_token", "prefill_path", "prefill_mode", "restore_mode", "read_s", "hash_s", "verify", "dtype",
-    "note",
+    "prefill_best_tokens_per_s", "predicted_restore_s", "predicted_error", "note",
 ]
-DEFAULT_POLICIES = ["full-recompute", "full-load", "partial-recompute", "cake", "krul",
+DEFAULT_POLICIES = ["full-recompute", "full-load", "partial-recompute", "cake", "krul-svd-loss", "krul",
                     "krul-fixed-split", "minicache", "kvsharer"]
 BENCH_POLICIES = set(DEFAULT_POLICIES)
 TINY_SHAPES = ("tiny-llama", "tiny-qwen2")  # random 4-layer models for tests
@@ -97,105 +98,6 @@ PROFILES = {
 
 class BenchError(ValueError):
     """A bad benchmark configuration; the message says what to change."""
-
-
-# -- plans -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SourcePlan:
-    """A compression plan measured on a real model (one conversation's, or a calibrated one)."""
-
-    model: str
-    n_layers: int
-    pairs: tuple[tuple[int, int], ...]
-    method: str
-    plan_id: str
-
-
-def load_plan_file(path: str | Path) -> list[SourcePlan]:
-    """Read plans from JSON, tolerant of layout.
-
-    Accepted: a list of plan objects; {"plans": [...], "model": ..., "n_layers": ...}; or
-    {model_name: plan | [plans] | {"plans": [...]}}. A plan object has "pairs" ([[a, b], ...]) and
-    optionally "n_layers", "model", "method" ("merge" | "share"), "conversation_id"/"id". Missing
-    n_layers is taken from the enclosing object or the model registry.
-    """
-    from krul.models import REGISTRY
-
-    data = json.loads(Path(path).read_text())
-    out: list[SourcePlan] = []
-
-    def visit(obj, model: str | None, n_layers: int | None, method: str, where: str) -> None:
-        if isinstance(obj, list):
-            for i, x in enumerate(obj):
-                visit(x, model, n_layers, method, f"{where}[{i}]")
-            return
-        if not isinstance(obj, dict):
-            return
-        model = obj.get("model", model)
-        n_layers = obj.get("n_layers", n_layers)
-        method = obj.get("method", method)
-        if "pairs" in obj:
-            n = n_layers or (REGISTRY[model].n_layers if model in REGISTRY else None)
-            if not n:
-                raise BenchError(f"{path}: plan at {where} has no n_layers and no known model")
-            pid = str(obj.get("conversation_id", obj.get("id", where)))
-            pairs = tuple((min(int(a), int(b)), max(int(a), int(b))) for a, b in obj["pairs"])
-            out.append(SourcePlan(str(model or "?"), int(n), pairs, str(method), pid))
-            return
-        for key, value in obj.items():
-            if isinstance(value, (dict, list)):
-                visit(value, key if key in REGISTRY else model, n_layers, method, f"{where}.{key}")
-
-    visit(data, None, None, "merge", "$")
-    if not out:
-        raise BenchError(f"{path}: no plan (an object with 'pairs') found")
-    return out
-
-
-def choose_plan(plans: list[SourcePlan], family: str, source_model: str | None = None) -> tuple[SourcePlan, str]:
-    """The plan with the median number of pairs among those of `source_model` (or of the same model
-    family as the target, else all); returns it and a description of the choice."""
-    from krul.models import REGISTRY
-
-    pool = plans
-    if source_model:
-        pool = [p for p in plans if p.model == source_model]
-        if not pool:
-            raise BenchError(f"no plan of model {source_model!r} in the plan file; models there: "
-                             f"{sorted({p.model for p in plans})}")
-    else:
-        same = [p for p in plans if p.model in REGISTRY and REGISTRY[p.model].family == family]
-        pool = same or plans
-    ordered = sorted(pool, key=lambda p: (len(p.pairs), p.plan_id))
-    chosen = ordered[(len(ordered) - 1) // 2]
-    return chosen, f"median #pairs of {len(pool)} plans of {sorted({p.model for p in pool})}"
-
-
-def map_pairs(pairs, n_src: int, n_dst: int) -> tuple[tuple[int, int], ...]:
-    """Map layer pairs of an n_src-layer model to n_dst layers by relative depth.
-
-    Layer l goes to round((l + 0.5) n_dst / n_src - 0.5); a layer already taken moves to the
-    nearest free one (deeper first), so the result is a valid plan with the same number of pairs
-    (at most n_dst // 2: the first ones, in the plan's own order, which is the selector's).
-    """
-    def depth(l: int) -> int:
-        return min(n_dst - 1, max(0, int(round((l + 0.5) * n_dst / n_src - 0.5))))
-
-    used: set[int] = set()
-
-    def place(l: int) -> int:
-        for d in range(n_dst):
-            for c in (l + d, l - d):
-                if 0 <= c < n_dst and c not in used:
-                    used.add(c)
-                    return c
-        raise BenchError(f"cannot map {len(pairs)} pairs onto {n_dst} layers")
-
-    out = []
-    for a, b in list(pairs)[:n_dst // 2]:
-        ma, mb = place(depth(a)), place(depth(b))
-        out.append((min(ma, mb), max(ma, mb)))
-    return tuple(sorted(out))
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -336,25 +238,12 @@ def _plain_prefill(adapter: ModelAdapter, ids: torch.Tensor, repeats: int) -> li
     return profile.time_it(once, adapter.device, repeats=repeats, warmup=1)
 
 
-def stored_bytes_per_token(adapter: ModelAdapter, plan: CompressionPlan | None, retain_ratio: float) -> float:
-    """Bytes per history token if every token were stored in the policy's format (the bound's b).
-
-    Exact layer: 2 kv_heads head_dim elements. A merged pair (compression.merge_pair): one layer's
-    directions + 4 kv_heads norms + retain_ratio of both layers exact (+ a 4-byte index); shared: one
-    layer.
-    """
-    e = torch.finfo(adapter.dtype).bits // 8
-    layer = float(adapter.layer_kv_bytes_per_token())
-    total = layer * adapter.n_layers
-    if plan is None:
-        return total
-    for _ in plan.pairs:
-        if plan.method == "merge":
-            pair = layer + 4 * adapter.n_kv_heads * e + retain_ratio * (2 * layer + 4)
-        else:
-            pair = layer
-        total += pair - 2 * layer
-    return total
+def stored_bytes_per_token(adapter: ModelAdapter, plan: CompressionPlan | None, params: dict | None = None,
+                           n_tokens: int = 4096) -> float:
+    """Bytes per history token if every token of an `n_tokens` history were stored in the plan's
+    format with compression `params` (the bound's b): `pricing.PlanPricing`, which equals the stored
+    state's `kv_bytes()` (an svd pair's rank, and so its bytes per token, depend on the length)."""
+    return PlanPricing.for_adapter(adapter, n_tokens, plan, params).bytes_per_token()
 
 
 def _git_sha() -> str:
@@ -518,26 +407,51 @@ def _geometry(shape: str) -> tuple[int, str]:
     return spec.n_layers, spec.family
 
 
+KRUL_ROWS = ("krul", "krul-svd-loss", "krul-fixed-split")  # rows that take a plan from --plan-file
+
+
 def _policy_variants(cfg: dict, n_layers: int, family: str) -> list[dict]:
-    """(policy name, RestorePolicy, plan, plan_source) for every row to time on this shape."""
-    krul_plans: list[tuple[CompressionPlan | None, str]] = []
+    """(policy name, RestorePolicy, plan, compression params, plan_source) for every row to time.
+
+    A krul row takes its own policy's plans from the plan file (plans naming no policy serve any krul
+    row), stored with the plan's compression parameters (else the policy's), and runs a second time
+    without a plan (uncompressed: the same split and scheduler, nothing compressed) so the two can be
+    compared side by side. MiniCache and KVSharer take as many pairs as the main krul row's plan.
+    """
     none_src = "none: no --plan-file; krul stores uncompressed KV (pyramid + measured-rate scheduler only)"
-    if cfg["plan_file"]:
-        chosen, why = choose_plan(load_plan_file(cfg["plan_file"]), family, cfg["plan_model"])
-        pairs = map_pairs(chosen.pairs, chosen.n_layers, n_layers) if chosen.n_layers != n_layers \
-            else chosen.pairs
-        plan = CompressionPlan(pairs, (), chosen.method, n_layers)
-        src = (f"plan-file {Path(cfg['plan_file']).name}: {chosen.model} plan {chosen.plan_id} "
-               f"({len(chosen.pairs)} pairs; {why}); mapped {chosen.n_layers}->{n_layers} layers by "
-               f"relative depth" if chosen.n_layers != n_layers else
-               f"plan-file {Path(cfg['plan_file']).name}: {chosen.model} plan {chosen.plan_id} "
-               f"({len(chosen.pairs)} pairs; {why})")
-        krul_plans = [(plan, src), (None, none_src)]
-    else:
-        krul_plans = [(None, none_src)]
-    main_plan = krul_plans[0][0]
-    if main_plan is not None and main_plan.pairs:
-        n_pairs = len(main_plan.pairs)
+    plans = load_plan_file(cfg["plan_file"]) if cfg["plan_file"] else []
+    krul_plans: dict[str, list[tuple]] = {}
+    for name in cfg["policies"]:
+        if name not in KRUL_ROWS:
+            continue
+        policy = POLICIES[name]
+        variants = []
+        if plans:
+            try:
+                chosen, why = choose_plan(plans, family, cfg["plan_model"], policy=name)
+            except PlanError as exc:
+                chosen, why = None, str(exc)
+            if chosen is not None:
+                pairs = map_pairs(chosen.pairs, chosen.n_layers, n_layers) if chosen.n_layers != n_layers \
+                    else chosen.pairs
+                plan = CompressionPlan(pairs, (), chosen.method, n_layers)
+                params = dict(chosen.params) if chosen.params else dict(policy.compress_params)
+                if chosen.method == "share":
+                    params = {}
+                mapped = (f"; mapped {chosen.n_layers}->{n_layers} layers by relative depth"
+                          if chosen.n_layers != n_layers else "")
+                src = (f"plan-file {Path(cfg['plan_file']).name}: {chosen.model} plan {chosen.plan_id} "
+                       f"({len(chosen.pairs)} pairs, {chosen.method} {_params_text(params)}; {why}){mapped}")
+                variants.append((plan, params, src))
+            else:
+                none_src_p = f"none: {why}; krul stores uncompressed KV"
+                variants.append((None, {}, none_src_p))
+        if not variants or variants[0][0] is not None:
+            variants.append((None, {}, none_src))
+        krul_plans[name] = variants if name != "krul-fixed-split" else variants[:1]
+    main = next((v[0][0] for n, v in krul_plans.items() if v and v[0][0] is not None), None)
+    if main is not None and main.pairs:
+        n_pairs = len(main.pairs)
         mc_src = f"deeper-half adjacent pairs, {n_pairs} pairs = krul's plan count"
     else:
         n_pairs = n_pairs_for_ratio(n_layers, MINICACHE_DEFAULT_RATIO)
@@ -547,21 +461,26 @@ def _policy_variants(cfg: dict, n_layers: int, family: str) -> list[dict]:
     out = []
     for name in cfg["policies"]:
         policy = POLICIES[name]
-        if name in ("krul", "krul-fixed-split"):
-            variants = krul_plans if name == "krul" else krul_plans[:1]
-            for plan, src in variants:
-                out.append(dict(name=name, policy=policy, plan=plan, plan_source=src))
+        if name in krul_plans:
+            for plan, params, src in krul_plans[name]:
+                out.append(dict(name=name, policy=policy.with_params(compress_params=params), plan=plan,
+                                params=params, plan_source=src))
         elif name == "minicache":
+            params = dict(policy.compress_params)
             out.append(dict(name=name, policy=policy, plan=CompressionPlan(mc_pairs, (), "merge", n_layers),
-                            plan_source="minicache: " + mc_src))
+                            params=params, plan_source="minicache: " + mc_src))
         elif name == "kvsharer":
             out.append(dict(name=name, policy=policy.with_params(compress_params={}),
-                            plan=CompressionPlan(mc_pairs, (), "share", n_layers),
+                            plan=CompressionPlan(mc_pairs, (), "share", n_layers), params={},
                             plan_source=("kvsharer (timing only: positions do not change a full load): "
                                          + mc_src + ", shared")))
         else:
-            out.append(dict(name=name, policy=policy, plan=None, plan_source="n/a (no compression)"))
+            out.append(dict(name=name, policy=policy, plan=None, params={}, plan_source="n/a (no compression)"))
     return out
+
+
+def _params_text(params: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "no params"
 
 
 def run_ttft(cfg: dict) -> list[dict]:
@@ -697,10 +616,33 @@ def _setup_block(adapter: ModelAdapter, cfg: dict, n_hist: int, q: int, log) -> 
              "prefill_mode": {p: x.mode for p, x in prefills.items()}, "new_input_prefill_s": alone,
              "plain_prefill_s": statistics.median(plain), "plain_ttft_s": statistics.median(plain_ttft),
              "recompute_all_s": statistics.median(rec_times), "prefill_tokens_per_s": n_hist / best}
+    best_rates = cfg.setdefault("_prefill_best", {})
+    if adapter.name not in best_rates:
+        best_rates[adapter.name] = _best_prefill_rate(adapter, _prefill_grid(cfg), reps, int(cfg["seed"]))
+    block["prefill_best_tokens_per_s"] = max(best_rates[adapter.name], block["prefill_tokens_per_s"])
     log(f"[{adapter.name} N={n_hist}] plain prefill {block['plain_prefill_s'] * 1e3:.1f} ms "
         f"(P = {block['prefill_tokens_per_s']:.0f} tok/s), full-context TTFT {block['plain_ttft_s'] * 1e3:.1f} ms, "
         "new-input prefill " + ", ".join(f"{alone[p] * 1e3:.1f} ms [{prefills[p].mode}]" for p in prefills))
     return block
+
+
+def _prefill_grid(cfg: dict) -> list[int]:
+    """History lengths over which the bound's P is the best prefill rate: the run's lengths and the
+    full profile's up to the longest (so P does not depend on which lengths a resumed run has left)."""
+    full = PROFILES["full"]["cuda" if cfg["device"] == "cuda" else "cpu"]["lengths"]
+    longest = max(int(x) for x in cfg["lengths"])
+    return sorted({int(x) for x in cfg["lengths"]} | {int(x) for x in full if x <= longest})
+
+
+def _best_prefill_rate(adapter: ModelAdapter, grid: list[int], repeats: int, seed: int) -> float:
+    """The shape's best plain prefill rate (tokens/s) over `grid`: the bound's P (a lower bound on
+    any recompute's time, whatever prefix length it runs at)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    best = 0.0
+    for n in grid:
+        ids = torch.randint(0, adapter.config.vocab_size, (1, n), generator=g).to(adapter.device)
+        best = max(best, n / min(_plain_prefill(adapter, ids, repeats)))
+    return best
 
 
 def _kv_error(cache: BufferCache, ref: list, n_hist: int) -> float:
@@ -713,6 +655,12 @@ def _kv_error(cache: BufferCache, ref: list, n_hist: int) -> float:
                                    "this is a bug in krul.restore")
             err = max(err, float(d))
     return err
+
+
+def _per_token(pricing: PlanPricing, lengths) -> list[float]:
+    """Per layer, the bytes it loads under `lengths` per token it loads (exact for that split)."""
+    loaded = pricing.layer_bytes(lengths)
+    return [float(b) / (pricing.n_tokens - l) if pricing.n_tokens > l else 0.0 for b, l in zip(loaded, lengths)]
 
 
 def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, model_note, rows, prior,
@@ -729,7 +677,7 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
     rates = profile.measure_rates(adapter, tier, grid, root=disk_root, load_bytes=cfg["load_profile_bytes"],
                                   verify=cfg["verify"])
     raw_bw = profile.raw_bandwidth(tier, device, nbytes=cfg["bandwidth_bytes"], root=disk_root)
-    bw = max(raw_bw, rates.load_bytes_per_s)
+    bw = raw_bw  # the bound's B: the best of repeated raw large copies, never a fitted slope
     log(f"[{shape} {tier}] rates ({time.perf_counter() - t:.1f} s): recompute {rates.recompute_s_per_token * 1e6:.2f} "
         f"us/token-layer, load {rates.load_bytes_per_s / 1e9:.2f} GB/s (raw {raw_bw / 1e9:.2f} GB/s)")
     if tier == "disk" and bw > DISK_SUSPICIOUS_BYTES_PER_S:
@@ -756,12 +704,12 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
         if over_budget():
             return f"time budget of {cfg['time_budget_s']:.0f} s spent"
         name, policy, plan = v["name"], v["policy"], v["plan"]
-        retain = float(policy.compress_params.get("retain_ratio", 0.0)) if (plan and plan.method == "merge") else 0.0
+        params = v["params"]
         lengths, _ = policy.split_lengths(shim, n_hist, n_layers, plan)
         split = scheduler.RestoreSplit(lengths, n_hist)
-        per_token = load_bytes_per_token(plan, n_layers, layer_bytes, retain)
-        pred_rec, pred_load = scheduler.predict(split, rates, per_token)
-        compress = {"retain_ratio": retain} if (plan and plan.method == "merge") else {}
+        pricing = PlanPricing.for_adapter(adapter, n_hist, plan, params)
+        pred_rec, pred_load = scheduler.predict(split, rates, _per_token(pricing, lengths))
+        compress = params if (plan and plan.method != "share") else {}
         t_build = time.perf_counter()
         with torch.inference_mode():
             state = build_state(adapter.fingerprint(), hist_ids, block["ref"], lengths, None,
@@ -779,9 +727,13 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
         else:
             file_path, source = None, store.get(key)
         build_s = time.perf_counter() - t_build
-        b_tok = stored_bytes_per_token(adapter, plan, retain)
-        bound = scheduler.bound_s(n_hist, block["prefill_tokens_per_s"], b_tok, bw)
-        r_star = scheduler.bound_recompute_ratio(n_hist, block["prefill_tokens_per_s"], b_tok, bw)
+        if pricing.total_bytes(lengths) != kv_bytes:  # the scheduler priced what is stored, exactly
+            raise RuntimeError(f"{name}: priced {pricing.total_bytes(lengths)} bytes, stored {kv_bytes}; "
+                               "pricing.PlanPricing no longer mirrors the compression functions")
+        b_tok = pricing.bytes_per_token()
+        p_best = block["prefill_best_tokens_per_s"]
+        bound = scheduler.bound_s(n_hist, p_best, b_tok, raw_bw)
+        r_star = scheduler.bound_recompute_ratio(n_hist, p_best, b_tok, raw_bw)
         try:
             for path in paths:
                 if path in failed:
@@ -851,6 +803,9 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
                     "restore_mode": reps[0].mode + ("+layer-join" if join == "layer" else ""),
                     "read_s": statistics.median([r.read_s for r in reps]),
                     "hash_s": statistics.median([r.hash_s for r in reps]),
+                    "prefill_best_tokens_per_s": block["prefill_best_tokens_per_s"],
+                    "predicted_restore_s": max(pred_rec, pred_load),
+                    "predicted_error": max(pred_rec, pred_load) / rest - 1.0 if rest > 0 else float("nan"),
                     "verify": bool(cfg["verify"]) if tier == "disk" else "", "dtype": str(adapter.dtype)[6:],
                     "note": "; ".join(notes),
                 }
@@ -871,7 +826,8 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
                                                 "columns": ["stream", "layer", "start_ms", "end_ms"],
                                                 "events": timeline}) + "\n")
                 log(f"[{shape} N={n_hist} {tier} {path}] {name:18s} ttft {ttft * 1e3:8.1f} ms  "
-                    f"restore {rest * 1e3:8.1f} ms (bound {bound * 1e3:7.1f}, x{row['restore_over_bound']:.2f})  "
+                    f"restore {rest * 1e3:8.1f} ms (bound {bound * 1e3:7.1f}, x{row['restore_over_bound']:.2f}; "
+                    f"predicted {max(pred_rec, pred_load) * 1e3:.1f}, {row['predicted_error']:+.0%})  "
                     f"prefill {row['prefill_s'] * 1e3:6.1f} ms  r={split.recompute_ratio:.2f} "
                     f"c={compression_ratio:.2f} err={err:.2g} build {build_s:.1f} s")
         finally:

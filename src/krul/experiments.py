@@ -1046,7 +1046,7 @@ def run_fig6_restore_timeline(cfg: dict) -> pd.DataFrame:
     import torch
 
     from krul import scheduler
-    from krul.policies import load_bytes_per_token
+    from krul.pricing import PlanPricing
     from krul.selector import MiniCacheSelector, SelectionInput
     from krul.store import build_state, make_store
 
@@ -1061,7 +1061,7 @@ def run_fig6_restore_timeline(cfg: dict) -> pd.DataFrame:
         SelectionInput(distances=torch.zeros(L, L, dtype=torch.float64), boundary_ratio=torch.ones(L, dtype=torch.float64),
                        n_layers=L, layer_bytes_per_token=lb))
     retain = cfg.get("retain_ratio", 0.05)
-    per_token = load_bytes_per_token(plan, L, lb, retain)
+    per_token = [b / n for b in PlanPricing.for_adapter(adapter, n, plan, {"retain_ratio": retain}).layer_bytes([0] * L)]
     store = make_store(tier)
     # endpoints measured here give the fallback rates when krul.profile is absent
     fitted = None

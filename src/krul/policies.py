@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from krul.pricing import PlanPricing
 from krul.store import StoredState, build_state
 
 
@@ -192,10 +193,10 @@ class RestorePolicy:
             if engine.rates is None:
                 raise PolicyError(f"policy {self.name!r} needs measured restore rates "
                                   "(profile them: krul.profile.measure_rates)")
-            per_token = load_bytes_per_token(plan, n_layers, engine.adapter.layer_kv_bytes_per_token(),
-                                             self.compress_params.get("retain_ratio", 0.0),
-                                             engine.adapter.head_dim,
-                                             self.compress_params.get("rank_ratio", 1.0))
+            # priced as stored: each layer's bytes of the whole history, per token (pricing.py)
+            pricing = PlanPricing.for_adapter(engine.adapter, n_tokens, plan, self.compress_params)
+            per_token = [float(b) / n_tokens for b in pricing.layer_bytes([0] * n_layers)] if n_tokens \
+                else [0.0] * n_layers
             s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope,
                                        min_gain=self.min_gain)
             t_rec, t_load = scheduler.predict(s, engine.rates, per_token)
@@ -267,25 +268,6 @@ class RestorePolicy:
         out.meta["validation"] = {"chosen": chosen, "candidates": 2, "tokens": n_window,
                                   **{f"kl_{k}": v for k, v in scores.items()}}
         return out
-
-
-def load_bytes_per_token(plan, n_layers: int, layer_bytes: float, retain_ratio: float = 0.0,
-                         head_dim: int | None = None, rank_ratio: float = 1.0) -> list[float]:
-    """Stored bytes per loaded token of each layer under a plan (a pair's bytes split over its two).
-
-    Merge stores one direction (a layer's bytes), per-layer K and V norms (2/head_dim of a layer's
-    bytes for the two layers) and the retained fraction exact for both layers; share stores one
-    layer's bytes; svd at most `rank_ratio` of both layers' bytes (plus its retained fraction).
-    """
-    norms = 2.0 / head_dim if head_dim else 0.0
-    per = [float(layer_bytes)] * n_layers
-    if plan is None:
-        return per
-    pair_bytes = {"merge": layer_bytes * (1.0 + norms + 2.0 * retain_ratio), "share": layer_bytes,
-                  "svd": layer_bytes * 2.0 * (rank_ratio + retain_ratio)}[plan.method]
-    for a, b in plan.pairs:
-        per[a] = per[b] = pair_bytes / 2
-    return per
 
 
 def with_rank_ratio(policy: "RestorePolicy", rank_ratio: float) -> "RestorePolicy":

@@ -36,14 +36,14 @@ def exact_nbytes(n_tokens: int, n_kv_heads: int, head_dim: int, elem_bytes: int,
 
 
 def pair_nbytes(method: str, n_tokens: int, n_kv_heads: int, head_dim: int, elem_bytes: int,
-                batch: int = 1, offset: int = 0, rank_ratio: float = 0.625, sink_tokens: int = 1,
+                batch: int = 1, offset: int = 0, rank_ratio: float = 0.625, sink_tokens: int | None = None,
                 retain_ratio: float = 0.0, value_share: float = 0.5, **_ignored) -> int:
     """Bytes of one compressed pair over a segment of `n_tokens` starting at position `offset`.
 
     Mirrors `compression.share_pair` / `merge_pair` / `svd_pair` (with uniform ranks: the default
     `rank_alloc="uniform"`; the other allocations store at most this). Parameters not used by a
-    method are ignored (share takes none); defaults are the compression functions' own, except that
-    merge's `sink_tokens` defaults to 0 there (pass it explicitly for merge).
+    method are ignored (share takes none); defaults are the compression functions' own
+    (`sink_tokens`: 1 for svd, 0 for merge).
 
     - share: K and V of one layer: 2 b h n d e.
     - merge: directions 2 b h n d e, per-layer K and V norms 4 b h n e, and x = n_sink +
@@ -58,6 +58,8 @@ def pair_nbytes(method: str, n_tokens: int, n_kv_heads: int, head_dim: int, elem
     h, d, e, b = int(n_kv_heads), int(head_dim), int(elem_bytes), int(batch)
     if method == "share":
         return exact_nbytes(n, h, d, e, b)
+    if sink_tokens is None:
+        sink_tokens = 1 if method == "svd" else 0
     n_sink = max(0, min(n, int(sink_tokens) - int(offset)))
     if method == "merge":
         x = _n_exact(n, n_sink, retain_ratio, n)

@@ -105,24 +105,46 @@ def test_plan_file_layouts_and_median_choice(tmp_path):
     assert chosen.plan_id == "z" and "3 plans" in why
     assert bench.choose_plan(plans, "qwen2")[0].plan_id == "q"
     path.write_text(json.dumps([{"pairs": [[0, 1]]}]))
-    with pytest.raises(bench.BenchError, match="n_layers"):
+    with pytest.raises(bench.PlanError, match="n_layers"):
         bench.load_plan_file(path)
 
 
 def test_stored_bytes_per_token_matches_a_full_state():
-    """The bound's bytes per token equals what a fully stored state of that plan holds."""
+    """The bound's bytes per token equals what a fully stored state of that plan holds, for every method."""
     adapter, _ = bench.build_adapter("tiny-llama", torch.device("cpu"))
     n = 200
     kv = [(torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)) for _ in range(4)]
     from krul.selector import CompressionPlan
 
-    for method in ("merge", "share"):
+    for method, params in (("merge", {"retain_ratio": 0.05}), ("share", {}),
+                           ("svd", {"rank_ratio": 0.47, "sink_tokens": 1, "retain_ratio": 0.03})):
         plan = CompressionPlan(((2, 3),), (), method, 4)
-        retain = 0.05 if method == "merge" else 0.0
         state = build_state(adapter.fingerprint(), torch.arange(n), kv, [0] * 4, None, pairs=plan.pairs,
-                            method=method, compress_kwargs={"retain_ratio": retain} if retain else {})
-        assert bench.stored_bytes_per_token(adapter, plan, retain) == pytest.approx(state.kv_bytes() / n)
-    assert bench.stored_bytes_per_token(adapter, None, 0.0) == 4 * adapter.layer_kv_bytes_per_token()
+                            method=method, compress_kwargs=params)
+        assert bench.stored_bytes_per_token(adapter, plan, params, n) == pytest.approx(state.kv_bytes() / n)
+    assert bench.stored_bytes_per_token(adapter, None, {}, n) == 4 * adapter.layer_kv_bytes_per_token()
+
+
+def test_svd_plan_file_rows_price_what_they_store(tmp_path):
+    """A krul-svd-loss plan with its own parameters is stored as svd and priced at its real bytes; its
+    uncompressed twin runs beside it, and the bound's b is the stored bytes per token."""
+    plan_file = tmp_path / "plans.json"
+    plan_file.write_text(json.dumps({"policies": [{
+        "policy": "krul-svd-loss", "model": "smollm2-135m", "n_layers": 30, "method": "svd",
+        "params": {"rank_ratio": 0.3, "sink_tokens": 1, "retain_ratio": 0.03},
+        "plans": [{"conversation_id": "a", "pairs": [[20, 29]]}]}]}))
+    rows = bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], plan_file=str(plan_file),
+                               policies=["full-load", "krul-svd-loss", "kvsharer"]))
+    krul = {r["plan_source"][:4]: r for r in rows if r["policy"] == "krul-svd-loss"}
+    assert set(krul) == {"plan", "none"}
+    assert "svd" in krul["plan"]["plan_source"] and "rank_ratio=0.3" in krul["plan"]["plan_source"]
+    assert krul["plan"]["compression_ratio"] > 1.0 and krul["none"]["compression_ratio"] == 1.0
+    assert krul["plan"]["bound_bytes_per_token"] < krul["none"]["bound_bytes_per_token"]
+    for r in rows:  # the bound is a bound: B the raw copy rate, P the best rate over the length grid
+        assert r["tier_bytes_per_s"] > 0 and r["prefill_best_tokens_per_s"] >= r["prefill_tokens_per_s"]
+        assert r["predicted_restore_s"] > 0
+    kvsharer = [r for r in rows if r["policy"] == "kvsharer"][0]
+    assert "1 pairs" in kvsharer["plan_source"]
 
 
 def test_cli_runs_and_prints_json_last(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The policy registry's svd entries: byte predictions and the rank-ratio knob stay consistent."""
 import pytest
 
-from krul.policies import POLICIES, PolicyError, get_policy, load_bytes_per_token, with_rank_ratio
+from krul.policies import POLICIES, PolicyError, get_policy, with_rank_ratio
 from krul.selector import CompressionPlan, n_pairs_for_ratio, pair_ratio
 
 
@@ -33,12 +33,6 @@ def test_with_rank_alloc_sets_or_drops_the_option_and_refuses_what_does_not_appl
         with_rank_alloc(get_policy("krul"), "pairs")
     with pytest.raises(PolicyError, match="rank_alloc"):
         with_rank_alloc(get_policy("krul-svd"), "per-layer")
-
-
-def test_load_bytes_per_token_for_svd_pairs():
-    plan = CompressionPlan(((0, 1),), (), "svd", 4)
-    per = load_bytes_per_token(plan, 4, 100.0, rank_ratio=0.5)
-    assert per == [50.0, 50.0, 100.0, 100.0]
 
 
 @pytest.mark.parametrize("equiv", [1.0, 1.25, 1.5])

@@ -11,10 +11,10 @@ H, D = 2, 16
 
 PARAMS = {
     "share": [{}],
-    "merge": [{"retain_ratio": 0.05, "sink_tokens": 0}, {"retain_ratio": 0.0, "sink_tokens": 4},
+    "merge": [{"retain_ratio": 0.05}, {"retain_ratio": 0.05, "sink_tokens": 0}, {"retain_ratio": 0.0, "sink_tokens": 4},
               {"retain_ratio": 0.3, "sink_tokens": 2}],
     "svd": [{"rank_ratio": 0.47, "sink_tokens": 1, "retain_ratio": 0.03},
-            {"rank_ratio": 0.625, "sink_tokens": 0, "retain_ratio": 0.0},
+            {"rank_ratio": 0.625, "sink_tokens": 0, "retain_ratio": 0.0}, {"retain_ratio": 0.05},
             {"rank_ratio": 0.2, "sink_tokens": 3, "retain_ratio": 0.1, "value_share": 0.3}],
 }
 
