@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 
 FIGURES := $(patsubst notebooks/%.ipynb,%,$(wildcard notebooks/fig*.ipynb))
 
-.PHONY: setup test test-fast test-notebooks reproduce figures lab clean-results calibrate curves $(FIGURES)
+.PHONY: setup test test-fast test-notebooks reproduce figures lab clean-results calibrate curves plans $(FIGURES)
 
 # --- setup: venv, packages, models, data; each step skipped when done ----------------------
 $(STAMPS)/venv: requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
@@ -70,6 +70,12 @@ calibrate: setup
 
 curves: setup
 	$(PY) -m krul.calibrate curves --model $(MODEL) --split test $(CURVE_ARGS)
+
+# --- plans for the GPU bench, from the committed dev records (bench_gpu.sh accept runs this too) --
+plans: results/plans/krul_plans.json
+
+results/plans/krul_plans.json: $(wildcard experiments/calibration/*.svd*.json) src/krul/plans.py | setup
+	$(PY) -m krul.plans --out $@
 
 lab: setup
 	.venv/bin/jupyter lab notebooks/

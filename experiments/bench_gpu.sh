@@ -8,15 +8,26 @@
 #   bash experiments/bench_gpu.sh pageable      # llama-7b @4000 pageable                   (~2 min)
 #   bash experiments/bench_gpu.sh overlap       # llama-7b @4000 pinned, eager and eager-overlap
 #                                               # new-input paths beside the graph rows     (~2 min)
+#   bash experiments/bench_gpu.sh accept        # the GPU acceptance rows: llama-7b 500..8000 pinned
+#                                               # and 4000 disk, krul = krul-svd-loss with its plan
+#                                               # (made here by python -m krul.plans), then the
+#                                               # verdicts (python -m krul.gpu_accept)       (~5 min)
 # Cells run in the order given; the script starts no new work after KRUL_LIMIT_S seconds (540).
 # Rows are appended to $KRUL_BENCH_DIR/ttft.csv (default results/bench_ttft/gpu; rows already there
 # are skipped, so a cell cut short resumes on the next call while the machine is warm) with
 # ttft.env.json and ttft.timeline.jsonl beside it; all three (and this script's log) are copied to
 # $OUT after every cell. A plan file at $KRUL_PLAN_FILE (default results/plans/krul_plans.json;
 # carry it, it is git-ignored) is passed to krul when present; without one krul is uncompressed and
-# its rows say so. Set KRUL_GIT_SHA if the working tree there has no .git.
+# its rows say so; `accept` writes it from the committed calibration records first, so nothing is
+# carried by hand. Set KRUL_GIT_SHA if the working tree there has no .git. `accept` writes its rows
+# to results/fig2_ttft/reference/h200-<sha7>/ (unless KRUL_BENCH_DIR is set) and its verdicts to
+# accept.json and the log beside them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export KRUL_GIT_SHA=${KRUL_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+if [ -z "${KRUL_BENCH_DIR:-}" ] && [ "${1:-}" = accept ]; then
+  KRUL_BENCH_DIR=results/fig2_ttft/reference/h200-${KRUL_GIT_SHA:0:7}
+fi
 RES=${KRUL_BENCH_DIR:-results/bench_ttft/gpu}
 DISK=${KRUL_DISK_ROOT:-$PWD/results/.bench_states}   # must be a real disk, not tmpfs
 LIMIT=${KRUL_LIMIT_S:-540}
@@ -26,11 +37,10 @@ mkdir -p "$RES" "$DISK"
 PLAN_ARGS=()
 [ -f "$PLAN" ] && PLAN_ARGS=(--plan-file "$PLAN")
 export PYTHONPATH=src HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-export KRUL_GIT_SHA=${KRUL_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOG="$RES/bench_gpu.log"
 
 copy_out() {
-  if [ -n "${OUT:-}" ]; then cp -f "$RES"/ttft.csv "$RES"/ttft.env.json "$RES"/ttft.timeline.jsonl "$LOG" "$OUT"/ 2>/dev/null; fi
+  if [ -n "${OUT:-}" ]; then cp -f "$RES"/ttft.csv "$RES"/ttft.env.json "$RES"/ttft.timeline.jsonl "$RES"/accept.json "$LOG" "$OUT"/ 2>/dev/null; fi
   return 0
 }
 trap copy_out EXIT
@@ -60,8 +70,17 @@ for cell in "$@"; do
     lengths)  bench --shapes llama-7b --lengths 500,1000,2000,8000 --tiers pinned ;;
     long)     bench --shapes llama-7b,llama3-8b --lengths 16000 --tiers pinned --repeats 3 ;;
     gqa-lengths) bench --shapes llama3-8b --lengths 1000,8000 --tiers pinned,disk --repeats-disk 2 ;;
+    accept)
+      "$PY" -m krul.plans --out "$PLAN" 2>&1 | tee -a "$LOG"
+      [ -f "$PLAN" ] && PLAN_ARGS=(--plan-file "$PLAN")
+      P="full-recompute,full-load,partial-recompute,cake,krul-svd-loss,minicache,kvsharer"
+      bench --shapes llama-7b --lengths 4000,2000,8000,1000,500 --tiers pinned --policies "$P"
+      bench --shapes llama-7b --lengths 4000 --tiers disk --repeats-disk 3 \
+            --policies full-recompute,full-load,partial-recompute,cake,krul-svd-loss
+      "$PY" -m krul.gpu_accept "$RES/ttft.csv" --json "$RES/accept.json" 2>&1 | tee -a "$LOG"
+      copy_out ;;
     smoke)    bench --shapes llama3-8b --lengths 1000 --tiers pinned,pageable,disk --repeats 2 --repeats-disk 1 ;;
-    *) echo "bench_gpu: unknown cell '$cell'; known: must gqa qwen pageable overlap lengths long gqa-lengths smoke" >&2; exit 2 ;;
+    *) echo "bench_gpu: unknown cell '$cell'; known: must gqa qwen pageable overlap lengths long gqa-lengths smoke accept" >&2; exit 2 ;;
   esac
 done
 rm -rf "$DISK"
