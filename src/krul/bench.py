@@ -64,7 +64,8 @@ COLUMNS = [
     "plain_prefill_s", "plain_ttft_s", "prefill_tokens_per_s", "tier_bytes_per_s",
     "bound_bytes_per_token", "bound_recompute_ratio", "loaded_bytes", "kv_max_abs_err",
     "first_token", "prefill_path", "prefill_mode", "restore_mode", "read_s", "hash_s", "verify", "dtype",
-    "prefill_best_tokens_per_s", "predicted_restore_s", "predicted_error", "note",
+    "prefill_best_tokens_per_s", "predicted_restore_s", "predicted_error", "estimator_prefill_s",
+    "estimator_plain_eager_s", "note",
 ]
 DEFAULT_POLICIES = ["full-recompute", "full-load", "partial-recompute", "cake", "krul-svd-loss", "krul",
                     "krul-fixed-split", "minicache", "kvsharer"]
@@ -612,7 +613,11 @@ def _setup_block(adapter: ModelAdapter, cfg: dict, n_hist: int, q: int, log) -> 
                 layer._v_buf[:, :, :n_hist].copy_(v)
         alone[path] = statistics.median(profile.time_it(prefills[path].run, device,
                                                         repeats=max(3, int(cfg["repeats"])), warmup=1))
+    estimator_s = None
+    if any(POLICIES[p].needs_estimator for p in cfg["policies"]):
+        estimator_s = _estimator_prefill_s(adapter, cache, n_hist, new, max(3, int(cfg["repeats"])))
     block = {"n_hist": n_hist, "hist": hist, "new": new, "cache": cache, "ref": ref, "prefills": prefills,
+             "estimator_prefill_s": estimator_s,
              "prefill_mode": {p: x.mode for p, x in prefills.items()}, "new_input_prefill_s": alone,
              "plain_prefill_s": statistics.median(plain), "plain_ttft_s": statistics.median(plain_ttft),
              "recompute_all_s": statistics.median(rec_times), "prefill_tokens_per_s": n_hist / best}
@@ -622,8 +627,39 @@ def _setup_block(adapter: ModelAdapter, cfg: dict, n_hist: int, q: int, log) -> 
     block["prefill_best_tokens_per_s"] = max(best_rates[adapter.name], block["prefill_tokens_per_s"])
     log(f"[{adapter.name} N={n_hist}] plain prefill {block['plain_prefill_s'] * 1e3:.1f} ms "
         f"(P = {block['prefill_tokens_per_s']:.0f} tok/s), full-context TTFT {block['plain_ttft_s'] * 1e3:.1f} ms, "
-        "new-input prefill " + ", ".join(f"{alone[p] * 1e3:.1f} ms [{prefills[p].mode}]" for p in prefills))
+        "new-input prefill " + ", ".join(f"{alone[p] * 1e3:.1f} ms [{prefills[p].mode}]" for p in prefills)
+        + (f"; through the estimator {estimator_s['estimator_s'] * 1e3:.1f} ms vs eager "
+           f"{estimator_s['plain_eager_s'] * 1e3:.1f} ms" if estimator_s else ""))
     return block
+
+
+def _estimator_prefill_s(adapter: ModelAdapter, cache: BufferCache, n_hist: int, new: torch.Tensor,
+                         repeats: int) -> dict:
+    """The new-input prefill as the engine runs it for krul policies (through the attention
+    estimator, `AttentionEstimator.forward`, eager) beside the same eager forward without it.
+
+    The bench's rows time the plain new-input path for every policy alike; this says what the
+    estimator adds on krul's first-token path (its share is reported, not folded into the rows)."""
+    from krul.estimator import AttentionEstimator
+
+    est = AttentionEstimator(adapter)
+    ids = new.to(adapter.device)
+
+    def plain():
+        with torch.inference_mode():
+            cache.set_length(n_hist)
+            adapter.forward(ids, cache, logits_to_keep=1)
+
+    def through():
+        with torch.inference_mode():
+            cache.set_length(n_hist)
+            est.forward("bench", ids, cache, logits_to_keep=1)
+            est.reset("bench")
+
+    out = {"plain_eager_s": statistics.median(profile.time_it(plain, adapter.device, repeats=repeats)),
+           "estimator_s": statistics.median(profile.time_it(through, adapter.device, repeats=repeats))}
+    cache.set_length(n_hist)
+    return out
 
 
 def _prefill_grid(cfg: dict) -> list[int]:
@@ -804,6 +840,8 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
                     "read_s": statistics.median([r.read_s for r in reps]),
                     "hash_s": statistics.median([r.hash_s for r in reps]),
                     "prefill_best_tokens_per_s": block["prefill_best_tokens_per_s"],
+                    "estimator_prefill_s": (block["estimator_prefill_s"] or {}).get("estimator_s", ""),
+                    "estimator_plain_eager_s": (block["estimator_prefill_s"] or {}).get("plain_eager_s", ""),
                     "predicted_restore_s": max(pred_rec, pred_load),
                     "predicted_error": max(pred_rec, pred_load) / rest - 1.0 if rest > 0 else float("nan"),
                     "verify": bool(cfg["verify"]) if tier == "disk" else "", "dtype": str(adapter.dtype)[6:],
