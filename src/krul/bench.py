@@ -130,7 +130,7 @@ def build_adapter(shape: str, device: torch.device) -> tuple[ModelAdapter, str]:
 
 
 # -- the new-input path (one for every policy) -----------------------------------------------------
-PREFILL_PATHS = ("graph", "eager", "eager-overlap")
+PREFILL_PATHS = ("graph", "eager", "eager-overlap", "layer-graphs")
 
 
 class NewInputPrefill:
@@ -142,7 +142,9 @@ class NewInputPrefill:
     mismatch it falls back to eager and says why in `self.mode`). "eager": a plain forward through
     the cache after the restore has joined. "eager-overlap" (CUDA): the restore returns without
     joining (`restore_into(join="layer")`) and the eager forward's layer l waits only for layer l,
-    so its launches and shallow layers overlap the end of the restore.
+    so its launches and shallow layers overlap the end of the restore. "layer-graphs" (CUDA): both,
+    the per-layer wait and few launches: one CUDA graph per decoder layer (`adapter.LayerwisePrefill`),
+    each replayed as soon as its layer is restored (checked against an eager forward like "graph").
     """
 
     def __init__(self, adapter: ModelAdapter, cache: BufferCache, n_history: int, new_ids: torch.Tensor,
@@ -153,6 +155,7 @@ class NewInputPrefill:
         if n_history + self.q > cache.capacity:
             raise BenchError(f"cache capacity {cache.capacity} < history {n_history} + new {self.q}")
         self.graph = None
+        self.layered = None  # adapter.LayerwisePrefill with per-layer graphs ("layer-graphs")
         self.static_tok = None
         self.mode = "eager"
         self.overlap = False  # restore with per-layer joins (restore_into(join="layer"))
@@ -164,6 +167,8 @@ class NewInputPrefill:
             self._capture()
         elif mode == "eager-overlap":
             self.mode, self.overlap = "eager-overlap", True
+        elif mode == "layer-graphs":
+            self._capture_layers()
 
     def _eager_logits(self) -> torch.Tensor:
         self.cache.set_length(self.n_history)
@@ -208,10 +213,38 @@ class NewInputPrefill:
         finally:
             self.cache.set_length(self.n_history)
 
+    def _capture_layers(self) -> None:
+        from krul.adapter import LayerwisePrefill
+
+        device = self.adapter.device
+        try:
+            layered = LayerwisePrefill(self.adapter, self.cache, self.n_history, self.ids, graphs=True)
+            with torch.inference_mode():
+                replayed = layered.run()[0][0, -1].float().clone()
+                torch.cuda.synchronize(device)
+                eager = self._eager_logits()[0, -1]
+                torch.cuda.synchronize(device)
+            diff = float((replayed - eager).abs().max())
+            scale = max(1.0, float(eager.abs().max()))
+            if not math.isfinite(diff) or diff > 1e-2 * scale:
+                self.mode = f"eager-overlap (layer graphs differ from eager by {diff:.3g})"
+            else:
+                self.layered, self.mode = layered, "layer-graphs"
+        except Exception as exc:  # best effort, like the whole-graph capture
+            self.mode = f"eager-overlap (layer graph capture failed: {type(exc).__name__}: {str(exc)[:160]})"
+            torch.cuda.synchronize(device)
+        finally:
+            self.overlap = True
+            self.cache.set_length(self.n_history)
+
     @torch.inference_mode()
     def run(self) -> int:
         """Prefill the new input over the restored history; the first token's id (synchronizes)."""
         self.cache.set_length(self.n_history)
+        if self.layered is not None:
+            tok = int(self.layered.run()[1].item())
+            self.cache.set_length(self.n_history + self.q)
+            return tok
         if self.graph is not None:
             self.graph.replay()
             tok = int(self.static_tok.item())

@@ -58,7 +58,8 @@ def test_cuda_restore_from_each_tier(tiny, tmp_path, tier, mode, lengths):
     cache = BufferCache.for_adapter(adapter, N + 16).fill_(float("nan"))
     torch.cuda.synchronize()
     report = restore_into(adapter, source, cache, timeline=True)
-    assert report.mode == f"cuda-streams/{mode}"
+    nothing_loaded = all(l == N for l in lengths)
+    assert report.mode == f"cuda-streams/{'none' if nothing_loaded else mode}"
     for layer_idx, ((k, v), (rk, rv)) in enumerate(zip(cache.kv(), ref)):
         begin = lengths[layer_idx]
         assert torch.equal(k[:, :, begin:], rk[:, :, begin:]) and torch.equal(v[:, :, begin:], rv[:, :, begin:])
@@ -167,13 +168,13 @@ def test_bench_tiny_on_cuda(tmp_path):
     rows = bench.run_ttft(dict(shapes=["tiny-llama"], lengths=[256], tiers=["pinned", "pageable", "disk"],
                                new_tokens=16, repeats=2, warmup=1, device="cuda", rates_grid=[64, 256],
                                load_profile_bytes=16 << 20, bandwidth_bytes=64 << 20,
-                               prefill=["graph", "eager", "eager-overlap"],
+                               prefill=["graph", "eager", "eager-overlap", "layer-graphs"],
                                out=str(tmp_path / "t.csv"), log=lambda m: None))
-    assert len(rows) == 3 * 3 * len(bench.DEFAULT_POLICIES)
+    assert len(rows) == 3 * 4 * len(bench.DEFAULT_POLICIES)
     assert all(set(bench.COLUMNS) <= set(r) for r in rows)
-    assert {r["prefill_mode"] for r in rows} == {"graph", "eager", "eager-overlap"}
+    assert {r["prefill_mode"] for r in rows} == {"graph", "eager", "eager-overlap", "layer-graphs"}
     assert all(r["restore_mode"].startswith("cuda-streams") for r in rows)
-    # the three new-input paths compute the same thing over the same restored (lossless) history
+    # the four new-input paths compute the same thing over the same restored (lossless) history
     for tier in ("pinned", "pageable", "disk"):
         tokens = {r["first_token"] for r in rows if r["tier"] == tier and r["policy"] == "full-load"}
         assert len(tokens) == 1, (tier, tokens)
