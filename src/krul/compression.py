@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 METHODS = ("share", "merge", "svd")
@@ -102,30 +103,32 @@ class CompressedPair:
 
     # -- restore ------------------------------------------------------------------------------
     def expand(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """Reconstruct both layers' KV.
+        """Reconstruct both layers' KV (`place_pair` into fresh tensors).
 
         Returns
         -------
         ((k_a, v_a), (k_b, v_b)), each (batch, kv_heads, tokens, head_dim) in the KV dtype; fresh
-        tensors that alias neither the stored data nor each other.
+        contiguous tensors that alias neither the stored data nor each other.
         """
+        outs = tuple((self._empty("k"), self._empty("v")) for _ in range(2))
+        place_pair(self, outs, (0, 0))
+        return outs[0], outs[1]
+
+    def place(self, outs, skips) -> None:
+        """Write the reconstruction of tokens [skip:] straight into per-layer views (`place_pair`)."""
+        place_pair(self, outs, skips)
+
+    def kv_shape(self, kv: str) -> tuple[int, int, int, int]:
+        """(batch, kv_heads, tokens, head_dim) of either layer's K (`kv="k"`) or V (`"v"`)."""
         d = self.data
         if self.method == "share":
-            return (d["k"].clone(), d["v"].clone()), (d["k"].clone(), d["v"].clone())
-        idx = d["retain_idx"].long()
-        if self.method == "svd":
-            return _svd_expand(d, idx)
-        out = []
-        for side in ("a", "b"):
-            layer = []
-            for kv in ("k", "v"):
-                direction = d[f"{kv}_dir"]
-                x = (direction.float() * d[f"{kv}_norm_{side}"].float().unsqueeze(-1)).to(direction.dtype)
-                if idx.numel():
-                    x[:, :, idx] = d[f"{kv}_ret_{side}"]
-                layer.append(x)
-            out.append((layer[0], layer[1]))
-        return out[0], out[1]
+            return tuple(d[kv].shape)
+        like = d[f"{kv}_dir"] if self.method == "merge" else d[f"{kv}_ret_a"]  # carries the head shape
+        b, h, _, hd = like.shape
+        return b, h, self.n_tokens(), hd
+
+    def _empty(self, kv: str) -> Tensor:
+        return torch.empty(self.kv_shape(kv), dtype=self.dtype, device=self.device)
 
     def crop_left(self, start: int) -> "CompressedPair":
         """Keep tokens [start:] only (leading tokens are recomputed instead of loaded).
@@ -599,21 +602,170 @@ def _exact_tokens(score: Tensor, n_sink: int, n_retain: int, device) -> Tensor:
     return torch.topk(score, n_keep, sorted=False).indices.sort().values.to(device)
 
 
-def _svd_expand(d: dict[str, Tensor], idx: Tensor):
-    """Both layers' KV from an "svd" pair's tensors (see `svd_pair`)."""
-    out = {"a": [], "b": []}
-    for kv in ("k", "v"):
-        coef, basis = d[f"{kv}_coef"], d[f"{kv}_basis"]
-        like = d[f"{kv}_ret_a"]  # (batch, kv_heads, n_retained, head_dim): carries the head shape
-        b, h, _, hd = like.shape
-        n = coef.shape[1]
-        x = (coef.float() @ basis.float()) if coef.dtype != torch.float64 else coef @ basis
-        for side, part in (("a", x[..., : h * hd]), ("b", x[..., h * hd:])):
-            y = part.reshape(b, n, h, hd).permute(0, 2, 1, 3).to(coef.dtype).contiguous()
-            if idx.numel():
-                y[:, :, idx] = d[f"{kv}_ret_{side}"]
-            out[side].append(y)
-    return (out["a"][0], out["a"][1]), (out["b"][0], out["b"][1])
+def place_pair(pair: CompressedPair, outs, skips) -> None:
+    """Write a pair's reconstruction straight into per-layer destination views (restore's placement).
+
+    Layer a (`outs[0]`) and layer b (`outs[1]`) each receive the segment's tokens [skip:], in the
+    payload's dtype and on its device, as plain torch ops that write with `out=` into the views:
+
+    - "share": one `copy_` of the stored KV per layer (both layers read the one payload);
+    - "merge": `mul(dir[..., skip:, :], norm[..., skip:, None], out=view)` per layer and K/V, in the KV
+      dtype (the product of two KV-dtype values rounds once, exactly as the fp32 product did);
+    - "svd": per layer, batch element and K/V one `bmm` over the heads:
+      coef[skip:] (expanded over heads, no copy) @ the layer's basis columns viewed (heads, r, head_dim),
+      `out=` the view as (heads, tokens, head_dim) (its batch stride is the buffer's head stride);
+      the matmul runs in the KV dtype (the CPU BLAS and cuBLAS accumulate in fp32 and round once;
+      no fp32 tensor is materialised). Tensor-core shapes: when the rank r is not a multiple of 8
+      the factors are zero-padded (`F.pad`) to r8 = ceil(r / 8) * 8 in temporaries of the KV dtype,
+      the loaded coefficients (batch, n_loaded, r8) and the basis (batch, r8, width): together
+      (n_loaded + width) * r8 elements, about the stored bytes, and with the retained-row
+      temporaries below the only new tensors. The matmul's inner dimension and every leading
+      dimension are then multiples of 8 (16-byte aligned rows in bf16). Stored ranks that are
+      multiples of 8 need no pad: the stored tensors are read where they lie;
+    - then the retained exact tokens at positions >= skip overwrite their rows (`index_copy_`).
+      Nothing is synchronised with the host: with skip > 0 the retained tokens before the view
+      (recomputed instead) are redirected to row 0 carrying row 0's final value, so duplicate
+      writes agree.
+
+    Only loaded rows are computed; nothing outside the views is written.
+
+    Cost against the copy it follows. An svd pair of n tokens, width w = 2 * kv_heads * head_dim,
+    rank r stores r (n + w) elements per K (and per V) and expands them in 2 n r w FLOP, i.e.
+    2 n r w / (2 r (n + w)) = n w / (n + w) FLOP per stored byte at 2-byte elements, independent of
+    r (retained tokens only add bytes). At n = 4000, w = 8192 that is 2688 FLOP/B: hiding it behind
+    a 55 GB/s PCIe copy needs ~148 TFLOP/s, which bf16 tensor cores sustain (H200: ~790 measured) and
+    fp32 CUDA cores cannot (~67 peak), hence the KV-dtype matmul and the aligned shapes (padding adds a
+    factor r8 / r). "merge" stores kv_heads n (head_dim + 2) elements per K and does one multiply per
+    output element of each layer, 2 kv_heads n head_dim FLOP: head_dim / (head_dim + 2) ~ 1 FLOP per
+    stored byte, while writing 2 head_dim / (head_dim + 2) ~ 2 bytes per stored byte; "share" does 0
+    FLOP and writes 2 bytes per stored byte. Both are bound by device-memory writes (~110 GB/s to
+    follow a 55 GB/s copy; HBM gives ~4.8 TB/s). Measured on an H200 (bf16, one pair's K and V,
+    n = 3964, w = 8192, 40 retained tokens; the stored bytes take 1.5 ms at 55 GB/s): svd at rank
+    1669 0.46-0.67 ms (the pads ~0.1-0.2 of it), at 1664 or 1672 0.41-0.48 ms, where expanding in
+    fp32 and copying took 5.2-5.5 ms; merge 0.21-0.23 ms (was 0.71). A CPU without bf16 matrix units
+    runs bf16 matmuls far slower than fp32 ones (~100x on a 2-core EPYC): CPU runs use fp32 models.
+
+    Parameters
+    ----------
+    pair : CompressedPair on the device of the views
+    outs : per layer (a, b): (k_view, v_view), each (batch, kv_heads, tokens - skip, head_dim) and
+        typically a non-contiguous view of a (batch, kv_heads, capacity, head_dim) buffer; or None
+        when that layer loads nothing. A view of another dtype or device is filled through a
+        temporary and one `copy_` (not the restore path: the buffers hold the KV dtype).
+    skips : per layer, the number of leading segment tokens not loaded (recomputed), in [0, tokens]
+    """
+    if len(outs) != 2 or len(skips) != 2:
+        raise ValueError(f"place_pair needs one out and one skip per layer of the pair; got "
+                         f"{len(outs)} and {len(skips)}")
+    n = pair.n_tokens()
+    targets, skips, pending = [], [int(s) for s in skips], []
+    for side, (out, skip) in enumerate(zip(outs, skips)):
+        if not 0 <= skip <= n:
+            raise ValueError(f"skip must be in [0, {n}]; got {skip} for layer {side}")
+        if out is None or skip == n:
+            targets.append(None)
+            continue
+        direct = []
+        for kv, view in zip(("k", "v"), out):
+            b, h, _, hd = pair.kv_shape(kv)
+            if tuple(view.shape) != (b, h, n - skip, hd):
+                raise ValueError(f"layer {side} {kv} view is {tuple(view.shape)}; expected "
+                                 f"{(b, h, n - skip, hd)}")
+            if view.dtype != pair.dtype or view.device != pair.device:
+                tmp = torch.empty(view.shape, dtype=pair.dtype, device=pair.device)
+                pending.append((view, tmp))
+                view = tmp
+            direct.append(view)
+        targets.append(tuple(direct))
+    if all(t is None for t in targets):
+        return
+    if pair.method == "share":
+        _place_share(pair.data, targets, skips)
+    elif pair.method == "merge":
+        _place_merge(pair.data, targets, skips)
+    else:
+        _place_svd(pair.data, targets, skips)
+    if pair.method != "share":
+        _place_retained(pair.data, targets, skips)
+    for view, tmp in pending:
+        view.copy_(tmp)
+
+
+def _place_share(d: dict[str, Tensor], outs, skips) -> None:
+    """Both layers' views <- layer a's stored KV (one payload, no clone)."""
+    for out, skip in zip(outs, skips):
+        if out is not None:
+            for kv, view in zip(("k", "v"), out):
+                view.copy_(d[kv][:, :, skip:])
+
+
+def _place_merge(d: dict[str, Tensor], outs, skips) -> None:
+    """view = direction * the layer's norm, computed in the KV dtype straight into the view."""
+    for side, out, skip in zip(("a", "b"), outs, skips):
+        if out is not None:
+            for kv, view in zip(("k", "v"), out):
+                torch.mul(d[f"{kv}_dir"][:, :, skip:], d[f"{kv}_norm_{side}"][:, :, skip:, None], out=view)
+
+
+def _place_svd(d: dict[str, Tensor], outs, skips) -> None:
+    """view = (coef @ basis)[rows skip:, the layer's half], one bmm over heads per batch element."""
+    for j, kv in enumerate(("k", "v")):
+        sides = [(s, out[j], skip) for s, (out, skip) in enumerate(zip(outs, skips)) if out is not None]
+        if not sides:
+            continue
+        first = min(skip for _, _, skip in sides)
+        coef, basis = _padded_factors(d[f"{kv}_coef"][:, first:], d[f"{kv}_basis"])
+        heads, head_dim = sides[0][1].shape[1], sides[0][1].shape[3]
+        half = heads * head_dim
+        for s, view, skip in sides:
+            # (batch, r8, heads, head_dim) -> (batch, heads, r8, head_dim): a view of the basis
+            layer_basis = basis[:, :, s * half:(s + 1) * half].unflatten(-1, (heads, head_dim)).transpose(1, 2)
+            for bi in range(view.shape[0]):
+                rows = coef[bi, skip - first:]  # (n_loaded, r8)
+                torch.bmm(rows.expand(heads, *rows.shape), layer_basis[bi], out=view[bi])
+
+
+def _padded_factors(coef: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """(coef, basis) with the rank zero-padded to a multiple of 8 (the inputs themselves when it is).
+
+    coef (batch, n, r), basis (batch, r, width) -> (batch, n, r8), (batch, r8, width); the padded
+    columns and rows are zero, so coef @ basis is unchanged.
+    """
+    pad = -coef.shape[-1] % 8
+    if not pad:
+        return coef, basis
+    return F.pad(coef, (0, pad)), F.pad(basis, (0, 0, 0, pad))
+
+
+def _place_retained(d: dict[str, Tensor], outs, skips) -> None:
+    """Overwrite the retained tokens' rows (those >= skip) with their exact vectors."""
+    idx = d["retain_idx"]
+    if not idx.numel():
+        return
+    idx = idx.long()
+    for side, out, skip in zip(("a", "b"), outs, skips):
+        if out is not None:
+            for kv, view in zip(("k", "v"), out):
+                _write_rows(view, idx, d[f"{kv}_ret_{side}"], skip)
+
+
+def _write_rows(view: Tensor, idx: Tensor, rows: Tensor, skip: int) -> None:
+    """view[:, :, idx - skip] = rows for the idx >= skip, without a host sync (no masking).
+
+    view (batch, heads, n - skip, head_dim); idx (n_ret,) ascending segment positions; rows
+    (batch, heads, n_ret, head_dim). Invariant: every index written carries the value its row must
+    end with; positions before the view are sent to row 0 with row 0's final value.
+    """
+    if skip == 0:
+        view.index_copy_(2, idx, rows)
+        return
+    pos = idx - skip
+    loaded = pos >= 0
+    pos = pos.clamp_min(0)
+    at_zero = pos.eq(0) & loaded  # at most one: is row 0 itself retained?
+    retained0 = rows.index_select(2, at_zero.int().argmax().view(1))
+    row0 = torch.where(at_zero.any(), retained0, view[:, :, :1])  # (batch, heads, 1, head_dim)
+    view.index_copy_(2, pos, torch.where(loaded[:, None], rows, row0))
 
 
 def compress_pair(method: str, kv_a: tuple[Tensor, Tensor], kv_b: tuple[Tensor, Tensor],

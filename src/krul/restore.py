@@ -302,17 +302,27 @@ def _make_jobs(state: StoredState) -> list[_Job]:
 
 def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
            lengths: Sequence[int]) -> None:
-    """Expand a job's payload (on the current stream) and write each layer's loaded tokens."""
+    """Write a job's loaded tokens into each layer's buffers (on the current stream).
+
+    Layer l of the item loads tokens [max(start, L_l), end) (the rest is recomputed), written straight
+    into the buffer views `buf[:, :, begin:end]`: compressed pairs are reconstructed there by
+    `compression.place_pair` (KV-dtype ops with `out=`, no full-size temporaries), exact layers copied.
+    """
     payload = payload_from_tensors(job.method, tensors, job.extra)
     item = job.item
-    for layer_idx, (k, v) in zip(item.layers, payload.expand()):
-        begin = max(item.start, int(lengths[layer_idx]))
-        if begin >= item.end:
-            continue
-        skip = begin - item.start
+    outs, skips = [], []
+    for layer_idx in item.layers:
+        begin = min(max(item.start, int(lengths[layer_idx])), item.end)
+        skips.append(begin - item.start)  # leading segment tokens recomputed, not loaded
         k_buf, v_buf = cache.buffers(layer_idx)
-        k_buf[:, :, begin:item.end].copy_(k[:, :, skip:])
-        v_buf[:, :, begin:item.end].copy_(v[:, :, skip:])
+        outs.append((k_buf[:, :, begin:item.end], v_buf[:, :, begin:item.end]) if begin < item.end else None)
+    if job.method != "exact":
+        payload.place(outs, skips)
+        return
+    for out, skip, kv in zip(outs, skips, payload.expand()):
+        if out is not None:
+            for view, x in zip(out, kv):
+                view.copy_(x[:, :, skip:])
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
