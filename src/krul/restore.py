@@ -196,10 +196,16 @@ def host_pool(device: torch.device, n_slots: int = 16, slot_bytes: int = 16 << 2
 
 
 def _cuda_streams(device: torch.device) -> tuple:
-    """(copy, place, recompute) side streams of `device`, created once."""
+    """(copy, place, recompute) side streams of `device`, created once.
+
+    The recompute stream has the highest priority the device offers: the first token waits on it,
+    and the placement kernels (expansion of compressed pairs) must fill the SMs it leaves idle, not
+    delay its layers. Copies run on the copy engines, where priority does not apply."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _STREAMS:
-        _STREAMS[idx] = tuple(torch.cuda.Stream(device=idx) for _ in range(3))
+        high = torch.cuda.Stream.priority_range()[1] if hasattr(torch.cuda.Stream, "priority_range") else -1
+        _STREAMS[idx] = (torch.cuda.Stream(device=idx), torch.cuda.Stream(device=idx),
+                         torch.cuda.Stream(device=idx, priority=high))
     return _STREAMS[idx]
 
 
@@ -353,7 +359,9 @@ class _Loader:
         self.copy_stream = self.place_stream = None
         if self.cuda:
             self.copy_stream, self.place_stream, _ = _cuda_streams(device)
-        if opened is not None:
+        if not self.jobs:  # nothing is loaded (all recomputed): no source is read, whatever its tier
+            self.mode = "none"
+        elif opened is not None:
             self.mode = "pool"
         elif self.cuda:
             pinned = all(s.is_pinned() for j in self.jobs for s in j.sources if s.numel())

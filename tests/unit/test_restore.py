@@ -78,6 +78,23 @@ def test_all_recompute_is_bit_identical_to_forward(tiny):
 
 
 @pytest.mark.parametrize("tier", ["pageable", "disk"])
+def test_restore_mode_says_none_when_nothing_is_loaded(tiny, tmp_path, tier):
+    """With every token recomputed no source is read: the mode says 'none', not the tier's path."""
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, [N] * 4, None)
+    source = state
+    if tier == "disk":
+        store = DiskStore(tmp_path)
+        store.put("c", state)
+        source = DiskSource(store.path("c"))
+    cache = BufferCache.for_adapter(adapter, N)
+    report = restore_into(adapter, source, cache)
+    assert report.mode.endswith("/none") and report.loaded_bytes == 0
+    partial = build_state(adapter.fingerprint(), ids[0], ref, [N, 25, 25, 3], None)
+    assert not restore_into(adapter, partial, cache).mode.endswith("/none")
+
+
+@pytest.mark.parametrize("tier", ["pageable", "disk"])
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("name", ["pyramid", "uneven"])
 def test_restore_into_buffers_from_every_source(tiny, tmp_path, tier, overlap, name):
@@ -244,3 +261,24 @@ def test_recompute_into_rejects_growing_lengths(tiny):
     adapter, ids, _ = tiny
     with pytest.raises(ValueError, match="non-increasing"):
         recompute_into(adapter, ids, [5, 6, 0, 0], BufferCache.for_adapter(adapter, N))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_layerwise_prefill_equals_the_model_forward(kind):
+    """The new input run one decoder layer at a time over a restored BufferCache gives the plain
+    forward's last logits and the same K/V in the cache (the steps a CUDA graph per layer replays)."""
+    from krul.adapter import LayerwisePrefill
+
+    adapter, ids, full, state = _stored_prefix(kind, 3, [0, 0, 0])
+    cache, _ = restore_cache(adapter, state, extra_tokens=10)
+    prefill = LayerwisePrefill(adapter, cache, 20, ids[:, 20:])
+    logits, tok = prefill.run()
+    assert torch.allclose(logits[0, -1], full[0, -1], atol=1e-4)
+    assert int(tok) == int(full[0, -1].argmax()) and cache.get_seq_length() == 30
+    ref = DynamicCache()
+    with torch.inference_mode():
+        adapter.model(input_ids=ids, past_key_values=ref, use_cache=True)
+    for (k, v), (rk, rv) in zip(cache.kv(), adapter.kv_from_cache(ref)):
+        assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5)
+    with pytest.raises(ValueError, match="CUDA"):
+        LayerwisePrefill(adapter, cache, 20, ids[:, 20:], graphs=True)
