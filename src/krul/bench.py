@@ -647,7 +647,7 @@ def _setup_block(adapter: ModelAdapter, cfg: dict, n_hist: int, q: int, log) -> 
         alone[path] = statistics.median(profile.time_it(prefills[path].run, device,
                                                         repeats=max(3, int(cfg["repeats"])), warmup=1))
     estimator_s = None
-    if any(POLICIES[p].needs_estimator for p in cfg["policies"]):
+    if cfg.get("time_estimator") and any(POLICIES[p].needs_estimator for p in cfg["policies"]):
         estimator_s = _estimator_prefill_s(adapter, cache, n_hist, new, max(3, int(cfg["repeats"])))
     block = {"n_hist": n_hist, "hist": hist, "new": new, "cache": cache, "ref": ref, "prefills": prefills,
              "estimator_prefill_s": estimator_s,
@@ -980,6 +980,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every policy (see NewInputPrefill); each path is its own set of rows")
     p.add_argument("--no-verify", action="store_true", help="skip the disk body's sha256 check")
     p.add_argument("--no-timeline", action="store_true", help="skip the extra per-layer timeline run")
+    p.add_argument("--time-estimator", action="store_true",
+                   help="also time the new-input prefill through the attention estimator (as the engine runs "
+                        "krul policies; its maps take q * history * heads * layers floats)")
     p.add_argument("--time-budget-s", type=float, help="start no new policy after this many seconds")
     p.add_argument("--rates-grid", help="history lengths for the recompute-rate fit (comma list)")
     p.add_argument("--bandwidth-mib", type=int,
@@ -1000,6 +1003,7 @@ def main_ttft(argv: list[str]) -> int:
            "plan_file": args.plan_file, "plan_model": args.plan_model, "out": args.out,
            "disk_root": args.disk_root, "prefill": _csv_list(args.prefill), "verify": not args.no_verify,
            "timeline": not args.no_timeline, "time_budget_s": args.time_budget_s,
+           "time_estimator": args.time_estimator,
            "rates_grid": _csv_list(args.rates_grid, int), "device": args.device, "seed": args.seed,
            "bandwidth_bytes": args.bandwidth_mib << 20 if args.bandwidth_mib else None,
            "threads": args.threads}

@@ -133,7 +133,7 @@ def test_svd_plan_file_rows_price_what_they_store(tmp_path):
         "policy": "krul-svd-loss", "model": "smollm2-135m", "n_layers": 30, "method": "svd",
         "params": {"rank_ratio": 0.3, "sink_tokens": 1, "retain_ratio": 0.03},
         "plans": [{"conversation_id": "a", "pairs": [[20, 29]]}]}]}))
-    rows = bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], plan_file=str(plan_file),
+    rows = bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], plan_file=str(plan_file), time_estimator=True,
                                policies=["full-load", "krul-svd-loss", "kvsharer"]))
     krul = {r["plan_source"][:4]: r for r in rows if r["policy"] == "krul-svd-loss"}
     assert set(krul) == {"plan", "none"}
@@ -143,6 +143,7 @@ def test_svd_plan_file_rows_price_what_they_store(tmp_path):
     for r in rows:  # the bound is a bound: B the raw copy rate, P the best rate over the length grid
         assert r["tier_bytes_per_s"] > 0 and r["prefill_best_tokens_per_s"] >= r["prefill_tokens_per_s"]
         assert r["predicted_restore_s"] > 0
+    assert all(r["estimator_prefill_s"] > 0 and r["estimator_plain_eager_s"] > 0 for r in rows)
     kvsharer = [r for r in rows if r["policy"] == "kvsharer"][0]
     assert "1 pairs" in kvsharer["plan_source"]
 
