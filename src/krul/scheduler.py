@@ -7,7 +7,22 @@ more, deeper layers, which hold the compressed pairs, load more); recomputing la
 l-1's hidden states of tokens [0:L_l], which exist because L_{l-1} >= L_l. Compression makes the
 per-layer load sizes unequal, so a fixed split leaves one stream idle ("bubbles"); the recompute
 ratio r_c is chosen so the two stream times are as close as possible (the paper's Eq. 1), here by
-minimising max(T_recompute, T_load) over r_c under a measured linear cost model.
+minimising max(T_recompute, T_load) over r_c under a measured cost model (`RestoreRates`).
+
+The cost model, per recomputed layer l (L_l > 0 tokens):
+
+    max(host_l, device_l),  host_l = h + h_job * J_l,  device_l = a + b L_l + c L_l^2
+
+plus a fixed cost once: a GPU runs a layer no faster than one host thread can issue its ~40 ops
+(h, ~0.6 ms per HF decoder layer on an H200), and the loader's jobs issued from the same thread at the
+layer's start (J_l of them, h_job each) add to that layer's host time. The load stream copies its
+jobs (one per layer with loaded bytes, in layer order) one after another at the measured bandwidth,
+each no earlier than the host issued it. With the host terms at 0 (the defaults) this is the plain
+sum a + b L + c L^2 per layer and the loads all issued at once: the linear model.
+
+Loaded bytes per layer are priced from a per-layer bytes-per-token array (or a scalar), or by a
+callable ``load_bytes(lengths) -> (L,) bytes`` for stored forms whose bytes are not linear in the
+loaded tokens (an svd pair's stored bytes depend on its segment length).
 
 This module is only the cost model and the plan: it issues no CUDA calls, and its rates are measured
 on the running machine by the caller (`RestoreRates`), never constants baked in here.
@@ -16,20 +31,43 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class RestoreRates:
-    """Linear cost model of the two restoration streams, measured on the running machine.
+    """Cost model of the two restoration streams, measured on the running machine.
 
-    Recompute of layer l over L_l tokens (if L_l > 0):
-        recompute_s_per_layer + recompute_s_per_token * L_l + recompute_s_per_token_sq * L_l**2,
+    Recompute of layer l over L_l tokens (if L_l > 0), with J_l loader jobs issued at its start:
+        max(recompute_host_s_per_layer + recompute_host_s_per_job * J_l,
+            recompute_s_per_layer + recompute_s_per_token * L_l + recompute_s_per_token_sq * L_l**2),
     plus recompute_s_fixed once if anything is recomputed (embedding, setup).
-    Load of layer l's remaining bytes B_l (if B_l > 0):
-        load_s_per_layer + B_l / load_bytes_per_s, plus load_s_fixed once if anything is loaded.
+    Load of the jobs (one per layer with loaded bytes B_l > 0, in layer order), one after another:
+        each takes load_s_per_layer + B_l / load_bytes_per_s and starts no earlier than it was issued;
+        plus load_s_fixed once if anything is loaded.
+
+    Attributes
+    ----------
+    recompute_s_per_token, recompute_s_per_token_sq, recompute_s_per_layer : float
+        The device time of a recomputed layer: b, c and a of a + b L + c L^2 (s).
+    recompute_s_fixed : float
+        Once per restore that recomputes anything (s).
+    load_bytes_per_s, load_s_per_layer, load_s_fixed : float
+        The load stream: bandwidth, cost per job (one job per loaded layer), once per restore.
+    recompute_host_s_per_layer : float
+        Host time to issue one recomputed layer's ops (s): the floor of a layer's time. 0 (default)
+        where the issuing is the compute itself (a CPU) or not measured.
+    recompute_host_s_per_job : float
+        Host time per loader job issued from the recompute thread (s), added to the host time of the
+        layer at whose start it is issued. Only used when `load_issue_lookahead` > 0.
+    load_issue_lookahead : float
+        How the loader is driven. 0 (default): it has its own thread(s) (CPU threads, a staging pool)
+        and every job may start at once. k > 0: the recompute thread issues the jobs (restore.py's
+        direct CUDA mode with `lookahead=k`): k before the first recomputed layer, then
+        max(k, ceil(pending / layers left)) at the start of each recomputed layer, the rest after
+        the last; a job starts no earlier than the host time it was issued at.
     """
 
     recompute_s_per_token: float
@@ -39,13 +77,33 @@ class RestoreRates:
     load_bytes_per_s: float = 1e10
     load_s_per_layer: float = 0.0
     load_s_fixed: float = 0.0
+    recompute_host_s_per_layer: float = 0.0
+    recompute_host_s_per_job: float = 0.0
+    load_issue_lookahead: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RestoreRates":
+        """Inverse of `to_dict`; dicts written before the host terms existed load with them at 0."""
         return cls(**{k: float(v) for k, v in d.items()})
+
+    def layer_times(self, lengths: Sequence[int] | np.ndarray,
+                    jobs_issued: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Per-layer recompute times (s): max(host, device) where L_l > 0, else 0.
+
+        Parameters
+        ----------
+        lengths : (L,) recompute lengths
+        jobs_issued : (L,) loader jobs issued at each layer's start (default none)
+        """
+        rec = np.asarray(lengths, dtype=np.float64)
+        jobs = np.zeros_like(rec) if jobs_issued is None else np.asarray(jobs_issued, dtype=np.float64)
+        device = (self.recompute_s_per_layer + self.recompute_s_per_token * rec
+                  + self.recompute_s_per_token_sq * rec * rec)
+        host = self.recompute_host_s_per_layer + self.recompute_host_s_per_job * jobs
+        return np.where(rec > 0, np.maximum(host, device), 0.0)
 
 
 @dataclass(frozen=True)
@@ -183,23 +241,89 @@ def _fix_sum(lengths: np.ndarray, total: int, n: int) -> None:
         lengths[l] -= 1
 
 
-def _stream_times(lengths: np.ndarray, n_tokens: int, rates: RestoreRates,
-                  load_bytes: np.ndarray) -> tuple[float, float]:
-    rec = lengths.astype(np.float64)
-    on = rec > 0
+LoadBytes = Union[Sequence[float], float, Callable[[np.ndarray], np.ndarray]]
+"""How the scheduler prices loads: (L,) stored bytes per loaded token of each layer, one scalar for
+all layers, or a callable ``load_bytes(lengths)`` taking the (L,) int64 recompute lengths of a split
+and returning each layer's total loaded bytes under it, a (L,) float array (>= 0)."""
+
+
+def issue_schedule(lengths: Sequence[int] | np.ndarray, n_jobs: int, lookahead: int) -> tuple[int, np.ndarray]:
+    """How restore.py's direct CUDA loader spreads `n_jobs` jobs over the recomputed layers.
+
+    `lookahead` jobs are issued before the first recomputed layer, then at the start of each recomputed
+    layer max(lookahead, ceil(pending / recomputed layers left)); whatever is left (none, since the
+    last layer takes all that is pending) after the last.
+
+    Returns
+    -------
+    (issued before the first layer, (L,) jobs issued at each layer's start)
+    """
+    rec = np.asarray(lengths)
+    at = np.zeros(len(rec), dtype=np.int64)
+    first = min(max(int(lookahead), 0), n_jobs)
+    pending = n_jobs - first
+    layers = np.flatnonzero(rec > 0)
+    for i, l in enumerate(layers):
+        if pending <= 0:
+            break
+        n = min(pending, max(int(lookahead), math.ceil(pending / (len(layers) - i))))
+        at[l] = n
+        pending -= n
+    return first, at
+
+
+def stream_times(lengths: Sequence[int] | np.ndarray, rates: RestoreRates,
+                 layer_bytes: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Predicted (t_recompute_s, t_load_s) of recompute lengths and per-layer loaded bytes.
+
+    Parameters
+    ----------
+    lengths : (L,) recompute lengths L_l (non-increasing)
+    rates : the cost model
+    layer_bytes : (L,) total bytes loaded for each layer (0: nothing loaded, no job)
+
+    Notes
+    -----
+    The recompute stream takes `recompute_s_fixed` + the sum of `RestoreRates.layer_times`. The load
+    stream runs one job per layer with bytes > 0, in layer order, back to back; with
+    `load_issue_lookahead` > 0 and something recomputed, a job issued at layer l's start is ready at
+    the host time recompute_s_fixed + sum of the host times of the recomputed layers before l (+ the
+    issue costs of the jobs before it in that layer): the host runs ahead of the device where the
+    device is the slower, and a job can not be copied before it exists.
+    """
+    rec = np.asarray(lengths, dtype=np.int64)
+    nbytes = np.asarray(layer_bytes, dtype=np.float64)
+    job_bytes = nbytes[nbytes > 0]
+    n_jobs = len(job_bytes)
+    recomputing = bool((rec > 0).any())
+    lookahead = int(rates.load_issue_lookahead)
+    coupled = lookahead > 0 and recomputing and n_jobs > 0
+    if coupled:
+        first, at = issue_schedule(rec, n_jobs, lookahead)
+    else:
+        first, at = n_jobs, np.zeros(len(rec), dtype=np.int64)
     t_rec = 0.0
-    if on.any():
-        t_rec = (rates.recompute_s_fixed + rates.recompute_s_per_layer * int(on.sum())
-                 + rates.recompute_s_per_token * float(rec.sum())
-                 + rates.recompute_s_per_token_sq * float((rec * rec).sum()))
-    bytes_l = (n_tokens - rec) * load_bytes
-    loading = bytes_l > 0
+    if recomputing:
+        t_rec = rates.recompute_s_fixed + float(rates.layer_times(rec, at).sum())
     t_load = 0.0
-    if loading.any():
-        total_bytes = float(bytes_l.sum())
-        bw = rates.load_bytes_per_s
-        t_bytes = math.inf if bw <= 0 else total_bytes / bw
-        t_load = rates.load_s_fixed + rates.load_s_per_layer * int(loading.sum()) + t_bytes
+    if n_jobs:
+        per_job = rates.load_s_per_layer + (job_bytes / rates.load_bytes_per_s if rates.load_bytes_per_s > 0
+                                            else np.full(n_jobs, math.inf))
+        if not coupled:
+            t_load = rates.load_s_fixed + float(per_job.sum())
+        else:
+            h_job = rates.recompute_host_s_per_job
+            ready = np.zeros(n_jobs)
+            host = np.where(rec > 0, rates.recompute_host_s_per_layer + h_job * at, 0.0)
+            start = rates.recompute_s_fixed + np.concatenate([[0.0], np.cumsum(host)[:-1]])
+            j = first
+            for l in np.flatnonzero(at):
+                ready[j:j + at[l]] = start[l] + h_job * np.arange(1, at[l] + 1)
+                j += int(at[l])
+            end = 0.0
+            for r, c in zip(ready, per_job):
+                end = max(end, r) + c
+            t_load = rates.load_s_fixed + float(end)
     return float(t_rec), float(t_load)
 
 
@@ -214,9 +338,24 @@ def _load_bytes_array(load_bytes_per_token: Sequence[float] | float, n_layers: i
     return b
 
 
-def predict(split: RestoreSplit, rates: RestoreRates,
-            load_bytes_per_token: Sequence[float]) -> tuple[float, float]:
-    """Predicted (t_recompute_s, t_load_s) of a split under the linear cost model.
+def layer_bytes_fn(load_bytes: LoadBytes, n_tokens: int, n_layers: int) -> Callable[[np.ndarray], np.ndarray]:
+    """`load_bytes` (see `LoadBytes`) as a checked function: (L,) lengths -> (L,) loaded bytes."""
+    if callable(load_bytes):
+        def priced(lengths: np.ndarray) -> np.ndarray:
+            out = np.asarray(load_bytes(np.asarray(lengths, dtype=np.int64)), dtype=np.float64)
+            if out.shape != (n_layers,):
+                raise ValueError(f"load_bytes(lengths) must return one entry per layer ({n_layers}); "
+                                 f"got shape {out.shape}")
+            if not np.isfinite(out).all() or (out < 0).any():
+                raise ValueError("load_bytes(lengths) must return finite bytes >= 0")
+            return out
+        return priced
+    b = _load_bytes_array(load_bytes, n_layers)
+    return lambda lengths: (n_tokens - np.asarray(lengths, dtype=np.float64)) * b
+
+
+def predict(split: RestoreSplit, rates: RestoreRates, load_bytes_per_token: LoadBytes) -> tuple[float, float]:
+    """Predicted (t_recompute_s, t_load_s) of a split under the cost model (`stream_times`).
 
     Parameters
     ----------
@@ -224,14 +363,15 @@ def predict(split: RestoreSplit, rates: RestoreRates,
     rates : measured rates (`RestoreRates`)
     load_bytes_per_token : (L,) stored bytes per loaded token of layer l; smaller for compressed
         layers (a merged pair's bytes split over its two layers). A scalar means the same for all.
+        Or a callable ``load_bytes(lengths) -> (L,)`` total loaded bytes per layer (`LoadBytes`).
     """
-    b = _load_bytes_array(load_bytes_per_token, split.n_layers)
-    return _stream_times(np.asarray(split.lengths, dtype=np.int64), split.n_tokens, rates, b)
+    lengths = np.asarray(split.lengths, dtype=np.int64)
+    nbytes = layer_bytes_fn(load_bytes_per_token, split.n_tokens, split.n_layers)(lengths)
+    return stream_times(lengths, rates, nbytes)
 
 
-def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates,
-                 load_bytes_per_token: Sequence[float] | float, slope: float = 1.0,
-                 n_grid: int = 201, min_gain: float = 0.0) -> RestoreSplit:
+def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates, load_bytes_per_token: LoadBytes,
+                 slope: float = 1.0, n_grid: int = 201, min_gain: float = 0.0) -> RestoreSplit:
     """Krul's bubble-free split (Eq. 1): the pyramid whose recompute and load times are closest.
 
     Minimises max(T_recompute, T_load) over the recompute ratio r. First over the grid
@@ -246,15 +386,18 @@ def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates,
     ----------
     n_tokens, n_layers : N, L
     rates : measured `RestoreRates`
-    load_bytes_per_token : (L,) stored bytes per loaded token per layer (or a scalar)
+    load_bytes_per_token : (L,) stored bytes per loaded token per layer (or a scalar), or a callable
+        ``load_bytes(lengths) -> (L,)`` giving each layer's total loaded bytes under a split
+        (`LoadBytes`); it is called once per candidate split.
     slope : pyramid slope (0 = flat split)
     n_grid : grid points over r in [0, 1], >= 2
     min_gain : float in [0, 1)
         Overlap only when it pays: if the best split's predicted time is not at least this fraction
         below the better single-stream restore (load everything, r = 0, or recompute everything,
-        r = 1), that single-stream restore is returned. 0 (default) is the plain argmin. The linear
-        model leaves out what running two streams costs (thread start and join, and on a CPU the
-        two streams sharing cores), so a predicted gain of a few percent is not a real one.
+        r = 1), that single-stream restore is returned. 0 (default) is the plain argmin. The model
+        leaves out what running two streams costs beyond it (thread start and join; on a CPU the
+        two streams sharing cores; on a GPU the copies and placements slowing the recompute), and
+        its predictions err by several percent, so a predicted gain of a few percent is not a real one.
 
     Returns
     -------
@@ -264,14 +407,15 @@ def choose_split(n_tokens: int, n_layers: int, rates: RestoreRates,
         raise ValueError(f"n_grid must be >= 2; got {n_grid}")
     if not 0.0 <= min_gain < 1.0:
         raise ValueError(f"min_gain must be in [0, 1); got {min_gain}")
-    b = _load_bytes_array(load_bytes_per_token, n_layers)
+    priced = layer_bytes_fn(load_bytes_per_token, n_tokens, n_layers)
     total_max = n_tokens * n_layers
     cache: dict[float, tuple[float, float, float, tuple[int, ...], float, float]] = {}
 
     def evaluate(r: float):
         if r not in cache:
             lengths = pyramid_lengths(n_tokens, n_layers, r, slope)
-            t_rec, t_load = _stream_times(np.asarray(lengths, dtype=np.int64), n_tokens, rates, b)
+            arr = np.asarray(lengths, dtype=np.int64)
+            t_rec, t_load = stream_times(arr, rates, priced(arr))
             cache[r] = (max(t_rec, t_load), r, t_rec - t_load, lengths, t_rec, t_load)
         return cache[r]
 
@@ -305,16 +449,18 @@ def fixed_split(n_tokens: int, n_layers: int, recompute_ratio: float, slope: flo
     return RestoreSplit(pyramid_lengths(n_tokens, n_layers, recompute_ratio, slope), n_tokens)
 
 
-def cake_split(n_tokens: int, n_layers: int, rates: RestoreRates,
-               load_bytes_per_token: Sequence[float] | float, n_grid: int = 201) -> RestoreSplit:
+def cake_split(n_tokens: int, n_layers: int, rates: RestoreRates, load_bytes_per_token: LoadBytes,
+               n_grid: int = 201, min_gain: float = 0.0) -> RestoreSplit:
     """Cake (Jin et al., ICML'25): compute KV from the front while loading from the back until they meet.
 
     Cake's two streams meet at one token index for every layer, at the point where both finish
     together; under this cost model that is exactly `choose_split` with slope 0 (a flat split) and
     the uncompressed per-layer bytes (pass the full KV bytes per token; Cake does not compress).
     Cake finds the meeting point online chunk by chunk; here it comes from the measured rates.
+    `load_bytes_per_token` and `min_gain` are as in `choose_split` (a callable prices loads too).
     """
-    return choose_split(n_tokens, n_layers, rates, load_bytes_per_token, slope=0.0, n_grid=n_grid)
+    return choose_split(n_tokens, n_layers, rates, load_bytes_per_token, slope=0.0, n_grid=n_grid,
+                        min_gain=min_gain)
 
 
 def bound_recompute_ratio(n_tokens: int, prefill_tokens_per_s: float, load_bytes_per_token_total: float,

@@ -7,7 +7,7 @@ import pytest
 
 from krul.scheduler import (
     RestoreRates, RestoreSplit, bound_recompute_ratio, bound_s, cake_split, choose_split, fixed_split,
-    predict, pyramid_lengths,
+    issue_schedule, predict, pyramid_lengths,
 )
 
 # Synthetic rate settings: (rates, per-layer bytes per loaded token) for L = 8 layers.
@@ -204,3 +204,121 @@ def test_min_gain_keeps_a_single_stream_when_overlap_promises_little():
     assert 0 < balanced.recompute_ratio < 1
     with pytest.raises(ValueError, match="min_gain"):
         choose_split(10, L, rates, b, min_gain=1.0)
+
+
+# -- the max form, issue coupling and priced bytes -------------------------------------------------
+OLD_RATES_DICT = {  # as measured and recorded before the host terms existed (H200, 37ed210, pinned)
+    "recompute_s_per_token": 1.9868962008099441e-07, "recompute_s_per_token_sq": 1.5072826230570894e-10,
+    "recompute_s_per_layer": 0.0007024374355630796, "recompute_s_fixed": 0.0,
+    "load_bytes_per_s": 77814970155.6486, "load_s_per_layer": 0.00011458758794859776, "load_s_fixed": 0.0}
+HOST = RestoreRates(recompute_s_per_token=1e-6, recompute_s_per_layer=1e-4, recompute_s_fixed=1e-3,
+                    load_bytes_per_s=5e10, load_s_per_layer=1e-5, load_s_fixed=5e-4,
+                    recompute_host_s_per_layer=6e-4, recompute_host_s_per_job=2e-4, load_issue_lookahead=2)
+
+
+def test_old_rates_dicts_load_and_keep_the_sum_form():
+    """A dict recorded before the host terms loads with them at 0 and predicts the old linear sum;
+    the new fields survive a round trip."""
+    old = RestoreRates.from_dict(OLD_RATES_DICT)
+    assert (old.recompute_host_s_per_layer, old.recompute_host_s_per_job, old.load_issue_lookahead) == (0, 0, 0)
+    split = RestoreSplit(pyramid_lengths(4000, 32, 0.14, 1.0), 4000)
+    rec = np.asarray(split.lengths, dtype=float)
+    on = rec > 0
+    t_rec, t_load = predict(split, old, 16384.0)
+    assert t_rec == pytest.approx(old.recompute_s_per_layer * on.sum() + old.recompute_s_per_token * rec.sum()
+                                  + old.recompute_s_per_token_sq * (rec ** 2).sum(), rel=1e-12)
+    loaded = (4000 - rec) * 16384.0
+    assert t_load == pytest.approx(old.load_s_per_layer * (loaded > 0).sum() + loaded.sum() / old.load_bytes_per_s,
+                                   rel=1e-12)
+    assert RestoreRates.from_dict(HOST.to_dict()) == HOST
+    assert RestoreRates.from_dict({k: str(v) for k, v in HOST.to_dict().items()}) == HOST
+
+
+def test_layer_time_is_max_of_host_and_device():
+    """A layer costs max(host + jobs * issue, device): the host floor at short prefixes, the device
+    at long ones, and the jobs it issues raise only its host side."""
+    assert HOST.layer_times([0])[0] == 0
+    assert HOST.layer_times([10])[0] == pytest.approx(6e-4)            # device 1.1e-4
+    assert HOST.layer_times([10], [2])[0] == pytest.approx(1e-3)       # host 6e-4 + 2 * 2e-4
+    assert HOST.layer_times([5000])[0] == pytest.approx(1e-4 + 5e-3)   # device-bound
+    assert HOST.layer_times([5000], [2])[0] == pytest.approx(1e-4 + 5e-3)
+
+
+def test_issue_schedule_mirrors_restores_direct_loader():
+    """k jobs before the first recomputed layer, then max(k, ceil(pending / layers left)) at each."""
+    first, at = issue_schedule([100] * 32, 32, 2)
+    assert first == 2 and list(at) == [2] * 15 + [0] * 17
+    first, at = issue_schedule([50, 40, 0, 0], 4, 2)
+    assert first == 2 and list(at) == [2, 0, 0, 0]
+    first, at = issue_schedule([50, 40, 30, 0], 20, 2)
+    assert first == 2 and list(at) == [6, 6, 6, 0]
+    assert issue_schedule([0, 0], 5, 2)[1].sum() == 0
+    assert issue_schedule([9, 9], 1, 2) == (1, pytest.approx(np.zeros(2)))
+
+
+def test_coupled_loads_wait_for_the_host():
+    """Jobs issued from the recompute thread start no earlier than issued: one recomputed token at
+    layer 0 issues the other 6 jobs at that layer's start, one per issue cost, so the last copy
+    starts only after the recompute's fixed cost and 6 issue costs."""
+    L8 = 8
+    split = RestoreSplit((1,) + (0,) * (L8 - 1), 1000)
+    t_rec, t_load = predict(split, HOST, 2048.0)
+    assert t_rec == pytest.approx(1e-3 + 6e-4 + 6 * 2e-4)  # fixed + host floor + 6 issued jobs
+    free = RestoreRates(**{**HOST.to_dict(), "load_issue_lookahead": 0})
+    _, t_free = predict(split, free, 2048.0)
+    per_job = 1e-5 + 1000 * 2048 / 5e10
+    assert t_free == pytest.approx(5e-4 + 8 * per_job - 2048 / 5e10)  # all issued at once
+    # the 8th job is ready at the recompute's fixed cost + 6 issue costs (each copy is shorter than an
+    # issue cost, so the copy stream waits for each job) and copies after that
+    assert t_load == pytest.approx(5e-4 + 1e-3 + 6 * 2e-4 + per_job)
+
+
+def _toy_bytes(n_tokens):
+    """An svd-like pricing: each layer pays a fixed basis plus bytes that grow like sqrt(tokens)."""
+    def load_bytes(lengths):
+        assert lengths.dtype == np.int64 and lengths.shape == (L,)
+        loaded = n_tokens - lengths
+        return np.where(loaded > 0, 5e4 + 3e3 * np.sqrt(loaded) * 64, 0.0)
+    return load_bytes
+
+
+def test_callable_bytes_are_accepted_everywhere():
+    """predict, choose_split and cake_split take a callable (lengths) -> per-layer bytes; a linear
+    callable reproduces the per-token array exactly; a non-linear one is optimised by brute force."""
+    rates, b = SETTINGS["quadratic+fixed"]
+    n = 60
+    linear = lambda lengths: (n - lengths) * np.asarray(b)  # noqa: E731
+    for slope in (0.0, 1.0):
+        assert choose_split(n, L, rates, linear, slope=slope, n_grid=21) == choose_split(n, L, rates, b, slope=slope,
+                                                                                       n_grid=21)
+    split = RestoreSplit(pyramid_lengths(n, L, 0.3, 1.0), n)
+    assert predict(split, rates, linear) == predict(split, rates, b)
+    assert cake_split(n, L, rates, linear, n_grid=21) == cake_split(n, L, rates, b, n_grid=21)
+    toy = _toy_bytes(n)
+    best = min((objective(pyramid_lengths(n, L, t / (n * L), 1.0), n, rates, toy), t) for t in range(n * L + 1))
+    got = choose_split(n, L, rates, toy, slope=1.0, n_grid=21)
+    assert objective(got.lengths, n, rates, toy) == pytest.approx(best[0], rel=1e-9)
+    assert cake_split(n, L, rates, toy, n_grid=21, min_gain=0.5).lengths in ((0,) * L, (n,) * L)
+
+
+def test_callable_bytes_are_checked():
+    """A pricing callable must return one finite non-negative number per layer."""
+    rates, _ = SETTINGS["linear-balanced"]
+    split = RestoreSplit((3,) * L, 5)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        predict(split, rates, lambda lengths: np.ones(L - 1))
+    with pytest.raises(ValueError, match="finite bytes >= 0"):
+        predict(split, rates, lambda lengths: -np.ones(L))
+    with pytest.raises(ValueError, match="finite bytes >= 0"):
+        choose_split(5, L, rates, lambda lengths: np.full(L, np.nan))
+
+
+def test_host_floor_moves_the_split_towards_loading():
+    """With a host floor per layer and issue costs, short histories load everything even where the
+    sum form would overlap; long ones still split."""
+    sum_form = RestoreRates(**{**HOST.to_dict(), "recompute_host_s_per_layer": 0.0, "recompute_host_s_per_job": 0.0,
+                               "load_issue_lookahead": 0})
+    b = 16384.0
+    assert choose_split(1000, 32, sum_form, b, min_gain=0.1).recompute_ratio > 0
+    assert choose_split(1000, 32, HOST, b, min_gain=0.1).lengths == (0,) * 32
+    assert choose_split(8000, 32, HOST, b, min_gain=0.1).recompute_ratio > 0
