@@ -726,12 +726,6 @@ def _kv_error(cache: BufferCache, ref: list, n_hist: int) -> float:
     return err
 
 
-def _per_token(pricing: PlanPricing, lengths) -> list[float]:
-    """Per layer, the bytes it loads under `lengths` per token it loads (exact for that split)."""
-    loaded = pricing.layer_bytes(lengths)
-    return [float(b) / (pricing.n_tokens - l) if pricing.n_tokens > l else 0.0 for b, l in zip(loaded, lengths)]
-
-
 def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, model_note, rows, prior,
               out, log, over_budget) -> str | None:
     """Time every (policy variant, prefill path) of `todo` on one tier; append rows. Returns a
@@ -748,7 +742,8 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
     raw_bw = profile.raw_bandwidth(tier, device, nbytes=cfg["bandwidth_bytes"], root=disk_root)
     bw = raw_bw  # the bound's B: the best of repeated raw large copies, never a fitted slope
     log(f"[{shape} {tier}] rates ({time.perf_counter() - t:.1f} s): recompute {rates.recompute_s_per_token * 1e6:.2f} "
-        f"us/token-layer, load {rates.load_bytes_per_s / 1e9:.2f} GB/s (raw {raw_bw / 1e9:.2f} GB/s)")
+        f"us/token-layer, host {rates.recompute_host_s_per_layer * 1e3:.2f} ms/layer + "
+        f"{rates.recompute_host_s_per_job * 1e3:.2f} ms/issued job, load {rates.load_bytes_per_s / 1e9:.2f} GB/s (raw {raw_bw / 1e9:.2f} GB/s)")
     if tier == "disk" and bw > DISK_SUSPICIOUS_BYTES_PER_S:
         note = (f"disk reads ran at {bw / 1e9:.1f} GB/s: dropping the page cache may not work on this "
                 f"filesystem ({filesystem_of(disk_root)[1]}); the disk rows may be reading RAM")
@@ -777,7 +772,7 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
         lengths, _ = policy.split_lengths(shim, n_hist, n_layers, plan)
         split = scheduler.RestoreSplit(lengths, n_hist)
         pricing = PlanPricing.for_adapter(adapter, n_hist, plan, params)
-        pred_rec, pred_load = scheduler.predict(split, rates, _per_token(pricing, lengths))
+        pred_rec, pred_load = scheduler.predict(split, rates, pricing.layer_bytes)
         compress = params if (plan and plan.method != "share") else {}
         t_build = time.perf_counter()
         with torch.inference_mode():

@@ -193,10 +193,8 @@ class RestorePolicy:
             if engine.rates is None:
                 raise PolicyError(f"policy {self.name!r} needs measured restore rates "
                                   "(profile them: krul.profile.measure_rates)")
-            # priced as stored: each layer's bytes of the whole history, per token (pricing.py)
-            pricing = PlanPricing.for_adapter(engine.adapter, n_tokens, plan, self.compress_params)
-            per_token = [float(b) / n_tokens for b in pricing.layer_bytes([0] * n_layers)] if n_tokens \
-                else [0.0] * n_layers
+            # priced as stored: each candidate split's loaded bytes per layer, exactly (pricing.py)
+            per_token = PlanPricing.for_adapter(engine.adapter, n_tokens, plan, self.compress_params).layer_bytes
             s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope,
                                        min_gain=self.min_gain)
             t_rec, t_load = scheduler.predict(s, engine.rates, per_token)
