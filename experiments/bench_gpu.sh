@@ -36,7 +36,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$RES" "$DISK"
 PLAN_ARGS=()
 [ -f "$PLAN" ] && PLAN_ARGS=(--plan-file "$PLAN")
-export PYTHONPATH=src HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 LOG="$RES/bench_gpu.log"
 
 copy_out() {
