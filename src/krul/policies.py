@@ -61,6 +61,10 @@ class RestorePolicy:
     needs_estimator: bool = False
     head_reduce: str = "mean"  # how per-head distances combine (the paper is silent): mean of per-head
     min_gain: float = 0.0  # scheduler: overlap only if predicted >= this fraction faster than one stream
+    # beyond the paper's linear pyramid: steeper pyramid slopes the scheduler may choose instead of
+    # `slope` when they are predicted faster (`scheduler.choose_split`); where a recomputed layer pays
+    # a fixed host-issue floor (a GPU), recomputing long prefixes on few layers beats short ones on all
+    extra_slopes: tuple = ()
     # what a per-conversation selector ranks pairs by: "attention" (the paper: the estimator's
     # attention distances) or "svd-loss" (beyond the paper: what `compression.svd_pair` would lose
     # on the new segment's own KV, `compression.svd_pair_losses`, with `loss_basis` of each
@@ -195,8 +199,8 @@ class RestorePolicy:
                                   "(profile them: krul.profile.measure_rates)")
             # priced as stored: each candidate split's loaded bytes per layer, exactly (pricing.py)
             per_token = PlanPricing.for_adapter(engine.adapter, n_tokens, plan, self.compress_params).layer_bytes
-            s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token, slope=self.slope,
-                                       min_gain=self.min_gain)
+            s = scheduler.choose_split(n_tokens, n_layers, engine.rates, per_token,
+                                       slope=(self.slope, *self.extra_slopes), min_gain=self.min_gain)
             t_rec, t_load = scheduler.predict(s, engine.rates, per_token)
             return s.lengths, {"recompute_s": t_rec, "load_s": t_load}
         raise PolicyError(f"policy {self.name!r}: unknown split {self.split!r}")
@@ -308,6 +312,7 @@ _MERGE = {"retain_ratio": 0.05}
 _SVD = {"rank_ratio": 0.47, "sink_tokens": 1, "retain_ratio": 0.03}
 _SVD_PAIR = {"method": "svd", "pair_layer_equiv": svd_pair_size(_SVD)}
 _MIN_GAIN = 0.1  # see scheduler.choose_split: a split must promise >= 10% over a single stream
+_STEEP = {"extra_slopes": (4.0, 16.0, 64.0)}  # the krul family's scheduler may pick steeper pyramids
 POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
     RestorePolicy("full-recompute", "prefill the whole history again", split="recompute"),
     RestorePolicy("full-load", "CachedAttention (Gao et al., ATC'24)", split="load"),
@@ -320,13 +325,13 @@ POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
     RestorePolicy("kvsharer", "KVSharer (Yang et al., 2024): static dissimilar pairs, shared",
                   split="load", selector="fixed", selector_params={"pairs": (), "method": "share"}),
     RestorePolicy("krul-fix", "Krul (Wen et al., 2025) ablation: one plan calibrated on dev",
-                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, selector="fixed",
+                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, **_STEEP, selector="fixed",
                   selector_params={"pairs": (), "method": "merge"}, compress_params=_MERGE),
-    RestorePolicy("krul", "Krul (Wen et al., 2025)", split="scheduler", slope=1.0, min_gain=_MIN_GAIN,
+    RestorePolicy("krul", "Krul (Wen et al., 2025)", split="scheduler", slope=1.0, min_gain=_MIN_GAIN, **_STEEP,
                   selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5}, compress_params=_MERGE,
                   needs_estimator=True),
     RestorePolicy("krul-no-preempt", "Krul ablation: no sensitive-layer protection", split="scheduler",
-                  slope=1.0, min_gain=_MIN_GAIN, selector="krul",
+                  slope=1.0, min_gain=_MIN_GAIN, **_STEEP, selector="krul",
                   selector_params={"tau": 0.3, "target_ratio": 1.5, "preempt": False},
                   compress_params=_MERGE, needs_estimator=True),
     RestorePolicy("krul-fixed-split", "Krul ablation: fixed recompute ratio instead of the scheduler",
@@ -334,23 +339,23 @@ POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
                   selector_params={"tau": 0.3, "target_ratio": 1.5}, compress_params=_MERGE,
                   needs_estimator=True),
     RestorePolicy("krul-share", "Krul ablation: share instead of merge", split="scheduler", slope=1.0,
-                  min_gain=_MIN_GAIN, selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5, "method": "share"},
+                  min_gain=_MIN_GAIN, **_STEEP, selector="krul", selector_params={"tau": 0.3, "target_ratio": 1.5, "method": "share"},
                   needs_estimator=True),
     RestorePolicy("krul-svd", "Krul's per-conversation pairs, stored as xKV-style joint SVD (Chang et "
                   "al., 2025) with the sink token exact: beyond the paper", split="scheduler", slope=1.0,
-                  min_gain=_MIN_GAIN, selector="krul",
+                  min_gain=_MIN_GAIN, **_STEEP, selector="krul",
                   selector_params={"tau": 0.3, "target_ratio": 1.5, **_SVD_PAIR}, compress_params=_SVD,
                   needs_estimator=True),
     RestorePolicy("krul-fix-svd", "krul-svd ablation: one plan calibrated on dev", split="scheduler",
-                  slope=1.0, min_gain=_MIN_GAIN, selector="fixed", selector_params={"pairs": (), "method": "svd"},
+                  slope=1.0, min_gain=_MIN_GAIN, **_STEEP, selector="fixed", selector_params={"pairs": (), "method": "svd"},
                   compress_params=_SVD),
     RestorePolicy("krul-svd-loss", "krul-svd with each conversation's pairs ranked by what svd loses on "
                   "its own KV (compression.svd_pair_losses) instead of attention distance: beyond the paper",
-                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, selector="krul",
+                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, **_STEEP, selector="krul",
                   selector_params={"tau": 0.3, "target_ratio": 1.5, **_SVD_PAIR}, compress_params=_SVD,
                   needs_estimator=True, pair_score="svd-loss"),
     RestorePolicy("krul-fix-svd-loss", "krul-svd-loss ablation: one plan, the lowest mean svd loss on dev",
-                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, selector="fixed",
+                  split="scheduler", slope=1.0, min_gain=_MIN_GAIN, **_STEEP, selector="fixed",
                   selector_params={"pairs": (), "method": "svd"}, compress_params=_SVD),
 ]}
 

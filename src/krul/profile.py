@@ -476,7 +476,12 @@ def measure_rates(adapter: ModelAdapter, tier: str, n_tokens_grid: Sequence[int]
     host = (_RECOMPUTE[mkey].get("host") or [0.0])[0]
     l_fixed, l_layer, l_per_byte = _LOAD[key]["coef"]
     issue = _LOAD[key].get("issue")
-    bw = 1.0 / l_per_byte if l_per_byte > 0 else raw_bandwidth(tier, adapter.device, root=root)
+    # the loader cannot copy faster than the tier's raw large copy: a fitted slope above it (82 GB/s
+    # over a 55 GB/s PCIe link on the H200 at 462539c, the per-job term absorbing bytes) is a fit
+    # artefact that made the scheduler underprice every load by ~25%
+    raw_bytes = None if adapter.device.type == "cuda" else max(8 << 20, int(load_bytes or (32 << 20)))
+    raw = raw_bandwidth(tier, adapter.device, nbytes=raw_bytes, root=root)
+    bw = min(1.0 / l_per_byte, raw) if l_per_byte > 0 else raw
     rates = RestoreRates(recompute_s_per_token=r_token, recompute_s_per_token_sq=r_sq,
                          recompute_s_per_layer=r_layer, recompute_s_fixed=r_fixed,
                          load_bytes_per_s=bw, load_s_per_layer=l_layer, load_s_fixed=l_fixed,

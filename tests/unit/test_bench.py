@@ -178,3 +178,10 @@ def test_cpu_profile_swaps_timing_shapes_and_drops_pinned():
                                 "tiers": ["pinned", "disk"]})
     assert cfg["shapes"] == ["smollm2-135m"] and cfg["tiers"] == ["disk"]
     assert any("no CUDA" in n for n in cfg["notes"])
+
+
+def test_rates_never_load_faster_than_the_raw_copy():
+    """The fitted load bandwidth is clamped to the tier's raw large-copy rate (a faster slope is a fit artefact)."""
+    adapter, _ = bench.build_adapter("tiny-llama", torch.device("cpu"))
+    rates = profile.measure_rates(adapter, "pageable", (8, 24), load_bytes=1 << 20)
+    assert 0 < rates.load_bytes_per_s <= profile.raw_bandwidth("pageable", "cpu", nbytes=8 << 20) * (1 + 1e-9)

@@ -226,3 +226,11 @@ def test_a_record_that_chose_matching_pairs_both_svd_loss_policies_by_it(tmp_pat
     assert get_policy("krul-svd-loss", model="m").selector_params["pairing"] == "matching"
     fixed = get_policy("krul-fix-svd-loss", model="m").selector_params["pairs"]
     assert set(fixed) == set(matching_pairs(prior, range(6), 2))
+
+
+def test_krul_family_schedulers_may_choose_steeper_pyramids():
+    """Every krul-family policy that schedules has candidate slopes beyond its own; cake does not."""
+    for name, p in POLICIES.items():
+        if name.startswith("krul") and p.split == "scheduler":
+            assert p.extra_slopes and all(s > p.slope for s in p.extra_slopes), name
+    assert POLICIES["cake"].extra_slopes == ()

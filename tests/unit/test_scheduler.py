@@ -322,3 +322,23 @@ def test_host_floor_moves_the_split_towards_loading():
     assert choose_split(1000, 32, sum_form, b, min_gain=0.1).recompute_ratio > 0
     assert choose_split(1000, 32, HOST, b, min_gain=0.1).lengths == (0,) * 32
     assert choose_split(8000, 32, HOST, b, min_gain=0.1).recompute_ratio > 0
+
+
+def test_candidate_slopes_pick_a_steep_pyramid_under_a_host_floor():
+    """With a GPU-like host-issue floor per recomputed layer, a steep pyramid (few layers, long
+    prefixes) is predicted faster than the paper's slope 1, and choose_split takes it; the best of
+    several slopes is never predicted slower than any one of them."""
+    from krul.scheduler import RestoreRates, choose_split
+
+    gpu = RestoreRates(recompute_s_per_token=7e-7, recompute_s_per_layer=2.4e-4, load_bytes_per_s=55e9,
+                       load_s_per_layer=1.3e-4, recompute_host_s_per_layer=1.1e-3)
+    cpu = RestoreRates(recompute_s_per_token=3e-6, load_bytes_per_s=5e9)
+    for rates in (gpu, cpu):
+        for n in (500, 2000, 4000, 8000):
+            singles = [choose_split(n, 32, rates, 524288 / 32, slope=s, min_gain=0.1) for s in (1.0, 4.0, 16.0, 64.0)]
+            both = choose_split(n, 32, rates, 524288 / 32, slope=(1.0, 4.0, 16.0, 64.0), min_gain=0.1)
+            assert both.t_restore_s <= min(s.t_restore_s for s in singles) + 1e-12
+    steep = choose_split(4000, 32, gpu, 524288 / 32, slope=(1.0, 64.0), min_gain=0.1)
+    linear = choose_split(4000, 32, gpu, 524288 / 32, slope=1.0, min_gain=0.1)
+    assert steep.t_restore_s < 0.95 * linear.t_restore_s
+    assert sum(1 for x in steep.lengths if x) < 16  # a few layers recompute, the rest load
