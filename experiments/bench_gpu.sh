@@ -25,12 +25,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export KRUL_GIT_SHA=${KRUL_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-if [ -z "${KRUL_BENCH_DIR:-}" ] && [ "${1:-}" = accept ]; then
+if [ -z "${KRUL_BENCH_DIR:-}" ] && [[ "${1:-}" == accept* ]]; then
   KRUL_BENCH_DIR=results/fig2_ttft/reference/h200-${KRUL_GIT_SHA:0:7}
 fi
 RES=${KRUL_BENCH_DIR:-results/bench_ttft/gpu}
 DISK=${KRUL_DISK_ROOT:-$PWD/results/.bench_states}   # must be a real disk, not tmpfs
 LIMIT=${KRUL_LIMIT_S:-540}
+RESERVE=${KRUL_RESERVE_S:-120}  # seconds kept back from each bench call's budget for its last policy
 PLAN=${KRUL_PLAN_FILE:-results/plans/krul_plans.json}
 PY=${PYTHON:-python3}
 mkdir -p "$RES" "$DISK"
@@ -50,7 +51,7 @@ bench() {  # bench ARGS... : one python process, within what is left of LIMIT
   if [ "$left" -lt 90 ]; then echo "bench_gpu: ${left}s left, not starting: $*" | tee -a "$LOG"; return 0; fi
   echo "bench_gpu: [$SECONDS s] $* (plan: ${PLAN_ARGS[*]:-none})" | tee -a "$LOG"
   timeout --signal=INT --kill-after=20 "$left" "$PY" -m krul.bench ttft --profile full \
-      --out "$RES/ttft.csv" --disk-root "$DISK" --time-budget-s $(( left - 120 )) \
+      --out "$RES/ttft.csv" --disk-root "$DISK" --time-budget-s $(( left - RESERVE )) \
       ${PLAN_ARGS[@]+"${PLAN_ARGS[@]}"} "$@" 2>&1 | tee -a "$LOG"
   echo "bench_gpu: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
   copy_out
@@ -79,8 +80,15 @@ for cell in "$@"; do
             --policies full-recompute,full-load,partial-recompute,cake,krul-svd-loss
       "$PY" -m krul.gpu_accept "$RES/ttft.csv" --json "$RES/accept.json" 2>&1 | tee -a "$LOG"
       copy_out ;;
+    accept-4000)  # the 4000-token pinned rows of accept alone (a short device session)
+      "$PY" -m krul.plans --out "$PLAN" 2>&1 | tee -a "$LOG"
+      [ -f "$PLAN" ] && PLAN_ARGS=(--plan-file "$PLAN")
+      bench --shapes llama-7b --lengths 4000 --tiers pinned --rates-grid 1000,4000 \
+            --policies full-load,partial-recompute,cake,krul-svd-loss,minicache,kvsharer
+      "$PY" -m krul.gpu_accept "$RES/ttft.csv" --json "$RES/accept.json" 2>&1 | tee -a "$LOG"
+      copy_out ;;
     smoke)    bench --shapes llama3-8b --lengths 1000 --tiers pinned,pageable,disk --repeats 2 --repeats-disk 1 ;;
-    *) echo "bench_gpu: unknown cell '$cell'; known: must gqa qwen pageable overlap lengths long gqa-lengths smoke accept" >&2; exit 2 ;;
+    *) echo "bench_gpu: unknown cell '$cell'; known: must gqa qwen pageable overlap lengths long gqa-lengths smoke accept accept-4000" >&2; exit 2 ;;
   esac
 done
 rm -rf "$DISK"
