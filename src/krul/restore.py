@@ -15,8 +15,11 @@ How the streams run:
 - CUDA: recompute on its own stream; host-to-device copies on a copy stream; expansion and placement
   into the buffers on a third stream that waits per item on the copy stream (so the copy engine never
   idles behind a kernel). Pinned sources are copied directly, their copies enqueued a few items at a
-  time between recomputed layers (layer l+1 copies while layer l computes). Pageable and disk sources
-  go through a preallocated pool of page-locked slots (`HostPool`): reader threads fill slots
+  time between recomputed layers (layer l+1 copies while layer l computes): each batch's copies
+  first, then its placements (the host issues expansion ops while the copy engine works). An item
+  packed by the pinned `MemoryStore` (one page-locked blob laid out as its staging buffer,
+  `store.pack_payload`) is one copy; other pinned sources one copy per stored tensor. Pageable and
+  disk sources go through a preallocated pool of page-locked slots (`HostPool`): reader threads fill slots
   (memcpy, or file reads with the page cache dropped by the caller), an issuer thread enqueues the
   slot-to-device copies, a hasher thread checks the disk body's sha256 as it streams by. Nothing is
   pinned on the restore path. The streams are joined once before returning (`join="end"`), or per
@@ -46,8 +49,8 @@ from typing import Sequence
 import torch
 
 from krul.adapter import KV, BufferCache, BufferLayer, ModelAdapter, recompute_into  # noqa: F401 (re-exported)
-from krul.store import (MAGIC, StoredItem, StoredState, StoreError, drop_page_cache, payload_from_tensors,
-                        check_fingerprint)
+from krul.store import (ALIGN, MAGIC, StoredItem, StoredState, StoreError, drop_page_cache, packed_layout,
+                        payload_from_tensors, check_fingerprint)
 
 
 # =============================================================================================
@@ -249,7 +252,7 @@ class _Clock:
 # =============================================================================================
 # The loader
 # =============================================================================================
-_ALIGN = 256
+_ALIGN = ALIGN  # store.packed_layout's alignment: a packed item's blob is its staging buffer's image
 
 
 @dataclass
@@ -266,6 +269,9 @@ class _Job:
     offsets: list[int]  # in the job's staging buffer
     sources: list  # host tensors (memory states) or FileTensor (disk)
     total: int = 0
+    # memory sources packed by `store.pack_payload`: the uint8 view of the `total` bytes they lie in,
+    # laid out as the staging buffer (copied to the device in one copy); None: copied tensor by tensor
+    blob: torch.Tensor | None = None
     staging: torch.Tensor | None = None
     remaining: int = 0
 
@@ -298,12 +304,44 @@ def _make_jobs(state: StoredState) -> list[_Job]:
             shapes = [tuple(t.shape) for t in sources]
             nbytes = [t.numel() * t.element_size() for t in sources]
             method, extra = payload.method, payload.meta()
-        offsets, pos = [], 0
-        for nb in nbytes:
-            offsets.append(pos)
-            pos += -(-nb // _ALIGN) * _ALIGN
-        jobs.append(_Job(item, method, extra, names, dtypes, shapes, nbytes, offsets, sources, pos))
+        offsets, pos = packed_layout(nbytes, _ALIGN)
+        blob = None if isinstance(payload, FilePayload) else _packed_blob(sources, nbytes, offsets, pos)
+        jobs.append(_Job(item, method, extra, names, dtypes, shapes, nbytes, offsets, sources, pos, blob))
     return jobs
+
+
+def _packed_blob(sources: Sequence[torch.Tensor], nbytes: Sequence[int], offsets: Sequence[int],
+                 total: int) -> torch.Tensor | None:
+    """The uint8 view of the `total` bytes that `sources` lie in when they are laid out exactly as the
+    job's staging buffer (contiguous CPU tensors of one storage at `offsets` from a common base, as
+    `store.pack_payload` writes them); None otherwise (e.g. separate tensors, a cropped packed item)."""
+    base = storage = None
+    for t, nb, off in zip(sources, nbytes, offsets):
+        if not nb:
+            continue  # nothing of it is copied
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        st = t.untyped_storage()
+        at = t.data_ptr() - off
+        if base is None:
+            base, storage = at, st
+        elif at != base or st.data_ptr() != storage.data_ptr():
+            return None
+    if base is None:
+        return None
+    start = base - storage.data_ptr()
+    if start < 0 or start + total > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage, start, (total,))
+
+
+def _copies_then_placements(batch: Sequence[_Job], copy, place) -> None:
+    """Issue a batch of jobs: every job's host-to-device copy first (`copy(job)` -> its copied event),
+    then every placement (`place(job, event)`), so the copy engine has the whole batch's bytes before
+    the host spends its time issuing the placement (expansion) ops."""
+    events = [copy(job) for job in batch]
+    for job, ev in zip(batch, events):
+        place(job, ev)
 
 
 def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
@@ -403,29 +441,42 @@ class _Loader:
 
     # -- direct mode ---------------------------------------------------------------------------
     def issue_direct(self, n_jobs: int | None = None) -> None:
-        """Enqueue (CUDA) or run (CPU) the next `n_jobs` jobs (all if None)."""
+        """Enqueue (CUDA) or run (CPU) the next `n_jobs` jobs (all if None).
+
+        CUDA: the batch's copies are all enqueued before its placements (`_copies_then_placements`)."""
         end = len(self.jobs) if n_jobs is None else min(len(self.jobs), self.next_job + n_jobs)
-        while self.next_job < end:
-            job = self.jobs[self.next_job]
-            self.next_job += 1
-            if not self.cuda:  # memory on the CPU: the sources are already where they are used
+        if not self.cuda:
+            while self.next_job < end:
+                job = self.jobs[self.next_job]
+                self.next_job += 1
+                # memory on the CPU: the sources are already where they are used
                 a = self.clock.mark()
                 _place(job, dict(zip(job.names, job.sources)), self.cache, self.lengths)
                 self.last = self.clock.mark()
                 if self.clock.detailed:
                     self.clock.add("load", job.item.layers, a, self.last)
-                continue
-            with torch.cuda.stream(self.copy_stream):
-                a = self.clock.mark(self.copy_stream) if self.clock.detailed else None
-                job.staging = torch.empty(job.total, dtype=torch.uint8, device=self.device)
+            return
+        batch = self.jobs[self.next_job:end]
+        self.next_job = max(self.next_job, end)
+        _copies_then_placements(batch, self._copy_direct, self._finish_job)
+
+    def _copy_direct(self, job: _Job):
+        """Enqueue a job's host-to-device copy into a fresh staging buffer on the copy stream: one
+        copy of its packed blob, or one per stored tensor; returns the event recorded after it."""
+        with torch.cuda.stream(self.copy_stream):
+            a = self.clock.mark(self.copy_stream) if self.clock.detailed else None
+            job.staging = torch.empty(job.total, dtype=torch.uint8, device=self.device)
+            if job.blob is not None:
+                job.staging.copy_(job.blob, non_blocking=True)
+            else:
                 for src, nb, off in zip(job.sources, job.nbytes, job.offsets):
                     if nb:
                         job.staging[off:off + nb].copy_(_flat_bytes(src), non_blocking=True)
-                copied = torch.cuda.Event(enable_timing=self.clock.detailed)
-                copied.record(self.copy_stream)
-                if self.clock.detailed:
-                    self.clock.add("h2d", job.item.layers, a, copied)
-            self._finish_job(job, copied)
+            copied = torch.cuda.Event(enable_timing=self.clock.detailed)
+            copied.record(self.copy_stream)
+            if self.clock.detailed:
+                self.clock.add("h2d", job.item.layers, a, copied)
+        return copied
 
     @property
     def pending(self) -> int:

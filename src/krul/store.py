@@ -76,6 +76,40 @@ class ExactLayer:
         return cls(tensors["keys"], tensors["values"])
 
 
+# -- packed payloads (one host-to-device copy per item) ------------------------------------------
+ALIGN = 256  # byte alignment of every tensor in a packed blob and in the restore's staging buffer
+
+
+def packed_layout(nbytes: Sequence[int], align: int = ALIGN) -> tuple[list[int], int]:
+    """Byte offsets of tensors of `nbytes` laid out in order, each at a multiple of `align`, and the
+    total size (the last tensor padded too). The one layout rule of packed payloads (`pack_payload`)
+    and of the restore's per-item staging buffers (`restore._make_jobs`): a packed item's bytes are
+    its staging buffer's bytes."""
+    offsets, pos = [], 0
+    for nb in nbytes:
+        offsets.append(pos)
+        pos += -(-int(nb) // align) * align
+    return offsets, pos
+
+
+def pack_payload(payload, pin: bool = False):
+    """The same payload with its tensors copied into one contiguous uint8 blob (page-locked if `pin`):
+    tensors in sorted name order at `packed_layout` offsets, each a view of the blob with its dtype
+    and shape. The blob owns its memory (no view into the caller's buffers)."""
+    named = payload.tensors()
+    names = sorted(named)
+    tensors = [named[n].detach() for n in names]
+    nbytes = [t.numel() * t.element_size() for t in tensors]
+    offsets, total = packed_layout(nbytes)
+    blob = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    views = {}
+    for name, t, nb, off in zip(names, tensors, nbytes, offsets):
+        view = blob[off:off + nb].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        views[name] = view
+    return payload_from_tensors(payload.method, views, payload.meta())
+
+
 def map_tensors(payload, fn):
     """The same payload with `fn` applied to every stored tensor (pin, clone, move)."""
     return type(payload).from_tensors({k: fn(v) for k, v in payload.tensors().items()}, payload.meta())
@@ -250,19 +284,30 @@ class KVStore:
 
 
 class MemoryStore(KVStore):
-    """CPU memory; `pinned=True` page-locks every tensor (needs CUDA)."""
+    """CPU memory; `pinned=True` page-locks the stored payloads (needs CUDA).
 
-    def __init__(self, pinned: bool = False):
+    pack : store each item's payload as views into ONE contiguous blob laid out as the restore's
+        staging buffer (`pack_payload`), so a restore copies an item to the device in one copy.
+        Default: the pinned tier packs (page-locked), the pageable one stores tensor by tensor.
+        `pack=True` on a pageable store packs without page-locking (tests on CPU-only machines).
+    """
+
+    def __init__(self, pinned: bool = False, pack: bool | None = None):
         if pinned and not torch.cuda.is_available():
             raise StoreError("tier 'pinned' needs CUDA (page-locked memory serves GPU copies); "
                              "use --tier pageable or disk on this machine")
         self.pinned = pinned
+        self.pack = pinned if pack is None else bool(pack)
         self.tier = "pinned" if pinned else "pageable"
         self._states: dict[str, StoredState] = {}
 
     def put(self, key: str, state: StoredState) -> int:
+        pin = self.pinned and torch.cuda.is_available()
+
         def move(payload):
             # own the memory (no views into larger live buffers); page-lock it for the pinned tier
+            if self.pack:
+                return pack_payload(payload, pin=pin)
             if self.pinned:
                 return map_tensors(payload, lambda t: t.to("cpu").contiguous().pin_memory())
             return map_tensors(payload, lambda t: t.to("cpu", copy=True).contiguous())

@@ -178,3 +178,31 @@ def test_bench_tiny_on_cuda(tmp_path):
     for tier in ("pinned", "pageable", "disk"):
         tokens = {r["first_token"] for r in rows if r["tier"] == tier and r["policy"] == "full-load"}
         assert len(tokens) == 1, (tier, tokens)
+
+
+
+@pytest.mark.parametrize("method", ["svd", "merge"])
+def test_pinned_packed_pairs_copy_once_per_item(tiny, tmp_path, method):
+    """The pinned tier packs each item into one page-locked blob that the direct path copies whole;
+    a pyramid of pairs and exact layers restores bit for bit as from the unpacked pinned tensors."""
+    from krul.restore import _make_jobs
+
+    adapter, ids, ref = tiny
+    state, packed = _stored(adapter, ids, ref, [120, 60, 30, 0], "pinned", tmp_path, pairs=((1, 3),),
+                            method=method)
+    plain_store = MemoryStore(pinned=True, pack=False)
+    plain_store.put("c", state)
+    plain = plain_store.get("c")
+    jobs = _make_jobs(packed)
+    assert jobs and all(j.blob is not None and j.blob.is_pinned() for j in jobs)
+    assert all(j.blob is None for j in _make_jobs(plain))
+    caches = []
+    for source in (plain, packed):
+        cache = BufferCache.for_adapter(adapter, N).fill_(float("nan"))
+        torch.cuda.synchronize()
+        report = restore_into(adapter, source, cache, timeline=True)
+        assert report.mode == "cuda-streams/direct"
+        assert {e[1] for e in report.events if e[0] == "h2d"} == {0, 1, 2, 3}
+        caches.append(cache.kv())
+    for begin, (k, v), (pk, pv) in zip(state.recompute_lengths, *caches):
+        assert torch.equal(k[:, :, begin:], pk[:, :, begin:]) and torch.equal(v[:, :, begin:], pv[:, :, begin:])

@@ -282,3 +282,84 @@ def test_layerwise_prefill_equals_the_model_forward(kind):
         assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5)
     with pytest.raises(ValueError, match="CUDA"):
         LayerwisePrefill(adapter, cache, 20, ids[:, 20:], graphs=True)
+
+
+def _packed_and_plain(tiny, method, lengths):
+    from krul.store import MemoryStore
+
+    adapter, ids, ref = tiny
+    kwargs = {"svd": {"rank_ratio": 0.5, "retain_ratio": 0.1}, "merge": {"retain_ratio": 0.1}, "share": {}}[method]
+    state = build_state(adapter.fingerprint(), ids[0], ref, lengths, None, pairs=[(1, 3)], method=method,
+                        compress_kwargs=kwargs)
+    store = MemoryStore(pack=True)
+    store.put("c", state)
+    return state, store.get("c")
+
+
+@pytest.mark.parametrize("method", ["share", "merge", "svd"])
+@pytest.mark.parametrize("lengths", [[0, 0, 0, 0], [20, 10, 5, 0]])
+def test_packed_state_restores_bit_identically_to_the_unpacked_one(tiny, method, lengths):
+    """restore_into from a packed state (pairs + exact layers, full load or pyramid) fills the buffers
+    bit for bit as the unpacked state does."""
+    adapter, _, _ = tiny
+    state, packed = _packed_and_plain(tiny, method, lengths)
+    caches = []
+    for source in (state, packed):
+        cache = BufferCache.for_adapter(adapter, N).fill_(float("nan"))
+        report = restore_into(adapter, source, cache)
+        assert report.loaded_bytes == state.kv_bytes() - sum(
+            it.payload.nbytes() for it in state.items if all(it.end <= lengths[l] for l in it.layers))
+        caches.append(cache.kv())
+    for (k, v), (pk, pv) in zip(*caches):
+        assert torch.equal(k, pk) and torch.equal(v, pv)
+
+
+def test_make_jobs_finds_the_packed_blob_only_where_it_is():
+    """_make_jobs gives each packed item's job the one blob its tensors lie in (at the job's own
+    offsets, bytes equal); unpacked and cropped packed items keep the per-tensor path."""
+    from krul.restore import _make_jobs
+    from krul.store import MemoryStore, StoredItem, StoredState
+
+    g = torch.Generator().manual_seed(3)
+    kv = [(torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)) for _ in range(4)]
+    state = build_state({"model": "toy"}, torch.arange(12), kv, [6, 4, 2, 0], None, pairs=[(1, 3)],
+                        method="svd", compress_kwargs={"rank_ratio": 0.5, "retain_ratio": 0.2})
+    store = MemoryStore(pack=True)
+    store.put("c", state)
+    packed = store.get("c")
+    jobs = _make_jobs(packed)
+    assert len(jobs) == len(state.items) and {j.method for j in jobs} == {"exact", "svd"}
+    for job in jobs:
+        assert job.blob is not None and job.blob.dtype == torch.uint8 and job.blob.numel() == job.total
+        base = job.blob.data_ptr()
+        for src, off, nb in zip(job.sources, job.offsets, job.nbytes):
+            assert src.data_ptr() - base == off
+            assert torch.equal(job.blob[off:off + nb], src.reshape(-1).view(torch.uint8))
+    assert all(job.blob is None for job in _make_jobs(state))
+    cropped = [StoredItem(it.layers, it.start, it.end, it.payload) if it.layers != (0,)
+               else it.crop_left(8) for it in packed.items]
+    crop_state = StoredState(packed.fingerprint, packed.token_ids, (8, 4, 2, 0), cropped)
+    by_layers = {j.item.layers: j for j in _make_jobs(crop_state)}
+    assert by_layers[(0,)].blob is None and by_layers[(1, 3)].blob is not None
+
+
+def test_cuda_batches_issue_every_copy_before_any_placement():
+    """The CUDA direct path issues a batch's copies (in job order) before its placements, and each
+    placement gets its own job's copied event."""
+    from krul.restore import _copies_then_placements
+
+    order = []
+
+    def copy(job):
+        order.append(("copy", job))
+        return f"ev{job}"
+
+    def place(job, ev):
+        order.append(("place", job, ev))
+
+    _copies_then_placements([0, 1, 2], copy, place)
+    assert order == [("copy", 0), ("copy", 1), ("copy", 2),
+                     ("place", 0, "ev0"), ("place", 1, "ev1"), ("place", 2, "ev2")]
+    order.clear()
+    _copies_then_placements([], copy, place)
+    assert order == []

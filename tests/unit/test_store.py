@@ -133,3 +133,50 @@ def test_svd_segments_keep_the_sink_once_and_survive_the_disk_tier(tmp_path):
     for l in range(4):
         assert torch.equal(back[l][0], loaded[l][0]) and torch.equal(back[l][1], loaded[l][1])
     assert store.get("c/2").kv_bytes() == s2.kv_bytes()
+
+
+def _packed_state(method="svd", lengths=(3, 2, 1, 0), kv=None):
+    kv = kv or _kv()
+    kwargs = {"svd": {"rank_ratio": 0.5, "retain_ratio": 0.2}, "merge": {"retain_ratio": 0.2}, "share": {}}[method]
+    return build_state(FP, torch.arange(10), kv, list(lengths), None, pairs=[(1, 3)], method=method,
+                       compress_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("method", ["share", "merge", "svd"])
+def test_packed_store_lays_each_item_out_as_its_staging_buffer(method):
+    """MemoryStore(pack=True) keeps every tensor (dtype, shape, values) as a view of one blob per item,
+    at `packed_layout` offsets in sorted name order, and kv_bytes() is unchanged."""
+    from krul.store import ALIGN, packed_layout
+
+    state = _packed_state(method)
+    store = MemoryStore(pack=True)
+    assert store.pack and not store.pinned and store.tier == "pageable"
+    store.put("c", state)
+    packed = store.get("c")
+    assert packed.kv_bytes() == state.kv_bytes() and packed.nbytes() == state.nbytes()
+    for before, after in zip(state.items, packed.items):
+        assert type(after.payload) is type(before.payload) and after.payload.meta() == before.payload.meta()
+        old, new = before.payload.tensors(), after.payload.tensors()
+        names = sorted(new)
+        assert names == sorted(old)
+        offsets, total = packed_layout([new[n].numel() * new[n].element_size() for n in names])
+        assert all(o % ALIGN == 0 for o in offsets) and total % ALIGN == 0
+        base = new[names[0]].data_ptr()
+        for name, off in zip(names, offsets):
+            t = new[name]
+            assert t.dtype == old[name].dtype and t.shape == old[name].shape and torch.equal(t, old[name])
+            assert t.is_contiguous() and not t.is_pinned()
+            assert t.untyped_storage().data_ptr() == new[names[0]].untyped_storage().data_ptr()
+            assert t.data_ptr() - base == off
+        assert new[names[0]].untyped_storage().nbytes() == total
+
+
+def test_packed_store_owns_its_memory_and_default_packing_follows_the_tier():
+    """A packed item copies the live cache (later writes do not reach it); only the pinned tier packs
+    by default."""
+    kv = _kv()
+    store = MemoryStore(pack=True)
+    store.put("c", build_state(FP, torch.arange(10), kv, [0] * 4, None))
+    kv[0][0].zero_()
+    assert store.get("c").items_for_layer(0)[0].payload.keys.abs().sum() > 0
+    assert not MemoryStore().pack and not MemoryStore(pinned=False, pack=False).pack
