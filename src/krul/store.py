@@ -297,7 +297,9 @@ class MemoryStore(KVStore):
             raise StoreError("tier 'pinned' needs CUDA (page-locked memory serves GPU copies); "
                              "use --tier pageable or disk on this machine")
         self.pinned = pinned
-        self.pack = pinned if pack is None else bool(pack)
+        if pack is None:  # KRUL_PACK_PINNED=0 turns the pinned tier's packing off (comparisons, fallback)
+            pack = pinned and os.environ.get("KRUL_PACK_PINNED", "1") != "0"
+        self.pack = bool(pack)
         self.tier = "pinned" if pinned else "pageable"
         self._states: dict[str, StoredState] = {}
 
