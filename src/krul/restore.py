@@ -49,8 +49,8 @@ from typing import Sequence
 import torch
 
 from krul.adapter import KV, BufferCache, BufferLayer, ModelAdapter, recompute_into  # noqa: F401 (re-exported)
-from krul.store import (ALIGN, MAGIC, StoredItem, StoredState, StoreError, drop_page_cache, packed_layout,
-                        payload_from_tensors, check_fingerprint)
+from krul.store import (ALIGN, MAGIC, StoredItem, StoredState, StoreError, drop_page_cache,  # noqa: F401
+                        packed_layout, payload_from_tensors, check_fingerprint)  # drop_page_cache: re-exported
 
 
 # =============================================================================================

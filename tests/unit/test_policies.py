@@ -2,7 +2,7 @@
 import pytest
 
 from krul.policies import POLICIES, PolicyError, get_policy, with_rank_ratio
-from krul.selector import CompressionPlan, n_pairs_for_ratio, pair_ratio
+from krul.selector import n_pairs_for_ratio, pair_ratio
 
 
 def test_svd_policies_are_registered_with_their_pair_size():
