@@ -78,7 +78,7 @@ results/plans/krul_plans.json: $(wildcard experiments/calibration/*.svd*.json) s
 	$(PY) -m krul.plans --out $@
 
 lab: setup
-	.venv/bin/jupyter lab notebooks/
+	.venv/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean-results:
 	rm -rf results/*/$(RUN_NAME)

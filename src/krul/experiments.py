@@ -77,7 +77,8 @@ def load_config(slug: str, profile: str = "default", device: str = "auto", out_d
     """The resolved config of a figure: `params` merged with `profiles[profile]` and the overrides.
 
     Returns a flat dict with `slug`, `title`, `claim`, `profile`, `device` (resolved: cpu or cuda),
-    `out_dir` (absolute; default `results/<slug>/<device>-<profile>`), `seed`, and the parameters.
+    `out_dir` (absolute; default `results/<slug>/interactive-<device>-<profile>`, apart from the
+    `results/<slug>/<device>-<profile>` that `make reproduce` passes), `seed`, and the parameters.
     """
     path = paths.experiments_dir() / f"{slug}.yaml"
     if not path.is_file():
@@ -91,8 +92,8 @@ def load_config(slug: str, profile: str = "default", device: str = "auto", out_d
     cfg = _deep_merge(raw.get("params") or {}, profiles[profile])
     cfg = _deep_merge(cfg, overrides)
     device = resolve_device(device)
-    if out_dir is None:
-        out_dir = paths.results_dir() / slug / f"{device}-{profile}"
+    if out_dir is None:  # an interactive run (JupyterLab's Run All) never writes make reproduce's folder
+        out_dir = paths.results_dir() / slug / f"interactive-{device}-{profile}"
     out = Path(out_dir)
     if not out.is_absolute():
         out = paths.REPO_ROOT / out
