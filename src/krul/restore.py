@@ -51,15 +51,13 @@ import torch
 from krul.adapter import KV, BufferCache, BufferLayer, ModelAdapter, recompute_into  # noqa: F401 (re-exported)
 from krul.store import (ALIGN, MAGIC, StoredItem, StoredState, StoreError, drop_page_cache,  # noqa: F401
                         packed_layout, payload_from_tensors, check_fingerprint)  # drop_page_cache: re-exported
+from krul.store import (_FIX, DTYPES, PREFIX_NBYTES, CorruptStateError, MissingStateError, check_token_ids,
+                        parse_header, parse_prefix, state_from_header)
 
 
 # =============================================================================================
 # Sources: what a restore reads from
 # =============================================================================================
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
 
 @dataclass(frozen=True)
 class FileTensor:
@@ -111,59 +109,51 @@ class DiskSource:
         return open_state_file(self.path)
 
 
-def _pread_exact(fd: int, nbytes: int, offset: int) -> bytes:
+def _pread_exact(fd: int, nbytes: int, offset: int, source: str = "state file") -> bytes:
     out = bytearray()
     while len(out) < nbytes:
         chunk = os.pread(fd, nbytes - len(out), offset + len(out))
         if not chunk:
-            raise StoreError(f"state file ends early: wanted {nbytes} bytes at offset {offset}")
+            raise CorruptStateError(f"{source}: the file ends early (wanted {nbytes} bytes at offset "
+                                    f"{offset}); the stored state is corrupted: {_FIX}")
         out += chunk
     return bytes(out)
 
 
 def open_state_file(path: str | Path) -> OpenedFile:
-    """Parse a `store.serialize` file's headers (magic, krul header, safetensors header) and token
-    ids; every other tensor stays on disk as a `FileTensor`."""
+    """Parse a `store.serialize` file's prefix and header (checksummed and validated by
+    `store.parse_header`) and its token ids (checked against their sha256); every other tensor stays
+    on disk as a `FileTensor`. The body's sha256 is checked while a verified restore streams it.
+    A missing file is a `MissingStateError`, a damaged one a `CorruptStateError`."""
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"no stored state at {path}")
-    fd = os.open(path, os.O_RDONLY)
+    source = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise MissingStateError(f"no stored state at {path}: the file does not exist") from None
     try:
         size = os.fstat(fd).st_size
-        head = _pread_exact(fd, len(MAGIC) + 8, 0)
-        if not head.startswith(MAGIC):
-            raise StoreError(f"{path}: not a krul state file (bad magic)")
-        n = int.from_bytes(head[len(MAGIC):], "little")
-        try:
-            header = json.loads(_pread_exact(fd, n, len(MAGIC) + 8))
-            body = len(MAGIC) + 8 + n
-            st_n = int.from_bytes(_pread_exact(fd, 8, body), "little")
-            st_header = json.loads(_pread_exact(fd, st_n, body + 8))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{path}: corrupted header ({exc})") from exc
-        data = body + 8 + st_n
+        prefix = os.pread(fd, PREFIX_NBYTES, 0)
+        n = parse_prefix(prefix, size, source)
+        header = parse_header(prefix, _pread_exact(fd, n, PREFIX_NBYTES, source), size, source)
+        body = PREFIX_NBYTES + n
+        table = header["tensors"]
 
         def locate(name: str) -> FileTensor:
-            if name not in st_header:
-                raise StoreError(f"{path}: tensor {name!r} missing; the state file is corrupted")
-            e = st_header[name]
-            s, t = e["data_offsets"]
-            return FileTensor(data + s, t - s, _ST_DTYPES[e["dtype"]], tuple(e["shape"]))
+            e = table[name]
+            return FileTensor(body + e["offset"], e["nbytes"], DTYPES[e["dtype"]], tuple(e["shape"]))
 
-        ids_loc = locate("token_ids")
-        raw = _pread_exact(fd, ids_loc.nbytes, ids_loc.offset)
-        token_ids = torch.frombuffer(bytearray(raw), dtype=ids_loc.dtype).to(torch.int64) \
-            if ids_loc.nbytes else torch.zeros(0, dtype=torch.int64)
-        items = []
-        for i, meta in enumerate(header["items"]):
-            files = {key: locate(f"{i}.{key}") for key in meta["keys"]}
-            items.append(StoredItem(tuple(meta["layers"]), meta["start"], meta["end"],
-                                    FilePayload(meta["method"], files, meta["meta"])))
+        ids = table["token_ids"]
+        token_ids = check_token_ids(_pread_exact(fd, ids["nbytes"], body + ids["offset"], source), header,
+                                    source)
     finally:
         os.close(fd)
-    state = StoredState(header["fingerprint"], token_ids, tuple(header["recompute_lengths"]), items,
-                        header.get("meta", {}))
-    return OpenedFile(path, state, body, size - body, header.get("body_sha256", ""))
+
+    def payload_for(i, method, names, meta):
+        return FilePayload(method, {key: locate(f"{i}.{key}") for key in names}, meta)
+
+    state = state_from_header(header, token_ids, payload_for, source)
+    return OpenedFile(path, state, body, header["body_nbytes"], header["body_sha256"])
 
 
 # =============================================================================================

@@ -8,8 +8,9 @@ accumulate turn by turn (one per layer or pair per turn, plus exact gap fillers 
 moves); an item already stored is never re-compressed.
 
 Tiers: `pageable` (ordinary CPU memory), `pinned` (page-locked, CUDA only) and `disk` (one file per
-conversation, written atomically, sha256-checked on read, read from the disk with the page cache
-dropped). Every state carries the fingerprint of the model that produced it; restoring into
+conversation, format 2: header and body sha256-checked, the header schema-validated; written to a
+unique temp file under a per-key lock, fsynced, renamed and the folder fsynced; read from the disk
+with the page cache dropped; a given root persists across processes). Every state carries the fingerprint of the model that produced it; restoring into
 another model is an error. The store knows nothing about which layers to compress or why.
 """
 from __future__ import annotations
@@ -197,7 +198,32 @@ def check_fingerprint(state: StoredState, expected: dict) -> None:
 
 
 # -- serialisation (disk tier) -----------------------------------------------------------------
-MAGIC = b"KRULSTATE1\n"
+# File format 2 (every byte is covered by a checksum):
+#   MAGIC (11 bytes) | header length n (u64 little-endian) | header_sha256 (32 raw bytes) | header | body
+#   header_sha256 = sha256(MAGIC + n + header): a damaged magic, length, header or digest is caught at
+#   open time, before the header is trusted. The header (UTF-8 JSON, validated against its schema by
+#   `parse_header`) holds the tensor table (dtype, shape, body offset, nbytes of every tensor), the
+#   body's length and sha256 (checked while a restore streams the body, or by `deserialize`), and the
+#   sha256 of the token ids (checked when they are read at open time).
+#   body = the raw tensor bytes, each tensor at a multiple of ALIGN (zero padding between them).
+# Format 1 (`KRULSTATE1`: a header outside the checksum, a safetensors body) is refused.
+FORMAT_VERSION = 2
+MAGIC = b"KRULSTATE2\n"
+_OLD_MAGICS = {b"KRULSTATE1\n": 1}
+PREFIX_NBYTES = len(MAGIC) + 8 + 32
+MAX_HEADER_NBYTES = 256 << 20
+DTYPES = {str(dt).removeprefix("torch."): dt for dt in (
+    torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}
+_FIX = "delete the state (DiskStore.delete); the conversation is then recomputed from its tokens"
+
+
+class CorruptStateError(StoreError):
+    """A stored state that fails its checksums or its schema: never restored, to be deleted."""
+
+
+class MissingStateError(StoreError):
+    """No stored state under the key (never stored, deleted, or removed from the disk)."""
 
 
 def payload_from_tensors(method: str, tensors: dict, meta: dict):
@@ -208,49 +234,225 @@ def payload_from_tensors(method: str, tensors: dict, meta: dict):
     return CompressedPair.from_tensors(tensors, meta)
 
 
-def serialize(state: StoredState) -> bytes:
-    """One self-describing blob: magic, header length, JSON header with the body's sha256, body."""
-    from safetensors.torch import save
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
-    tensors = {"token_ids": state.token_ids.to(torch.int32).contiguous()}
+
+def encode(state: StoredState) -> tuple[bytes, bytearray]:
+    """(prefix + header, body) of `state`'s file (format 2); `serialize` joins them."""
+    named: list[tuple[str, torch.Tensor]] = [("token_ids", state.token_ids.to(torch.int32))]
     items_meta = []
     for i, item in enumerate(state.items):
-        payload = item.payload
-        named, extra = payload.tensors(), payload.meta()
-        for key, tensor in named.items():
-            tensors[f"{i}.{key}"] = tensor.detach().to("cpu").contiguous()
-        items_meta.append({"layers": list(item.layers), "start": item.start, "end": item.end,
-                           "method": payload.method, "keys": sorted(named), "meta": extra})
-    body = save(tensors)
-    header = json.dumps({"fingerprint": state.fingerprint, "recompute_lengths": list(state.recompute_lengths),
-                         "items": items_meta, "meta": state.meta,
-                         "body_sha256": hashlib.sha256(body).hexdigest()}).encode()
-    return MAGIC + len(header).to_bytes(8, "little") + header + body
+        tensors = item.payload.tensors()
+        names = sorted(tensors)
+        named += [(f"{i}.{n}", tensors[n]) for n in names]
+        items_meta.append({"layers": [int(x) for x in item.layers], "start": int(item.start),
+                           "end": int(item.end), "method": item.payload.method, "keys": names,
+                           "meta": item.payload.meta()})
+    datas = [_tensor_bytes(t) for _, t in named]
+    offsets, _ = packed_layout([len(d) for d in datas])
+    body_nbytes = offsets[-1] + len(datas[-1])
+    body = bytearray(body_nbytes)
+    table = {}
+    for (name, t), data, off in zip(named, datas, offsets):
+        body[off:off + len(data)] = data
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise StoreError(f"cannot store tensor {name!r} of dtype {t.dtype}; storable: {', '.join(DTYPES)}")
+        table[name] = {"dtype": dtype, "shape": [int(x) for x in t.shape], "offset": off, "nbytes": len(data)}
+    header = json.dumps({
+        "format": FORMAT_VERSION, "fingerprint": state.fingerprint, "n_tokens": state.n_tokens,
+        "recompute_lengths": [int(x) for x in state.recompute_lengths], "items": items_meta,
+        "meta": state.meta, "tensors": table, "body_nbytes": body_nbytes,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "token_ids_sha256": hashlib.sha256(datas[0]).hexdigest()}).encode()
+    head = MAGIC + len(header).to_bytes(8, "little")
+    return head + hashlib.sha256(head + header).digest() + header, body
+
+
+def serialize(state: StoredState) -> bytes:
+    """One self-describing blob (format 2, see above): prefix, checksummed JSON header, body."""
+    head, body = encode(state)
+    return head + bytes(body)
+
+
+def _corrupt(source: str, what: str) -> CorruptStateError:
+    return CorruptStateError(f"{source}: {what}; the stored state is corrupted: {_FIX}")
+
+
+def parse_prefix(prefix: bytes, size: int, source: str) -> int:
+    """The header length from a file's first PREFIX_NBYTES bytes (`size`: the file's size)."""
+    for magic, version in _OLD_MAGICS.items():
+        if prefix.startswith(magic):
+            raise CorruptStateError(f"{source}: a krul state of format {version}, which this version no "
+                                    f"longer reads (format {FORMAT_VERSION} checksums its header too); "
+                                    f"{_FIX}")
+    if prefix[:len(MAGIC)] != MAGIC:
+        if prefix.startswith(MAGIC[:9]):
+            raise _corrupt(source, "bad magic or unknown format version")
+        raise CorruptStateError(f"{source}: not a krul state file (bad magic); {_FIX}")
+    if len(prefix) < PREFIX_NBYTES or size < PREFIX_NBYTES:
+        raise _corrupt(source, f"the file ends at byte {size}, inside its {PREFIX_NBYTES}-byte prefix")
+    n = int.from_bytes(prefix[len(MAGIC):len(MAGIC) + 8], "little")
+    if n > min(MAX_HEADER_NBYTES, size - PREFIX_NBYTES):
+        raise _corrupt(source, f"header length {n} does not fit a file of {size} bytes")
+    return n
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check(ok: bool, source: str, what: str) -> None:
+    if not ok:
+        raise _corrupt(source, f"invalid header: {what}")
+
+
+def parse_header(prefix: bytes, header_bytes: bytes, size: int, source: str) -> dict:
+    """Verify the header's sha256 and validate it against the schema (types, required keys, item layers
+    and token ranges, tensor names, dtypes, shapes and body extents, the body's length vs `size`).
+    Every failure is a `CorruptStateError`; returns the header dict."""
+    n = parse_prefix(prefix, size, source)
+    if len(header_bytes) != n:
+        raise _corrupt(source, f"the header ends early ({len(header_bytes)} of {n} bytes)")
+    digest = prefix[len(MAGIC) + 8:PREFIX_NBYTES]
+    if hashlib.sha256(prefix[:len(MAGIC) + 8] + header_bytes).digest() != digest:
+        raise _corrupt(source, "header checksum mismatch")
+    try:
+        h = json.loads(header_bytes.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise _corrupt(source, f"unreadable header ({type(exc).__name__}: {exc})") from None
+    _check(isinstance(h, dict), source, "not a JSON object")
+    _check(h.get("format") == FORMAT_VERSION, source, f"format {h.get('format')!r}, expected {FORMAT_VERSION}")
+    for key, typ in (("fingerprint", dict), ("n_tokens", int), ("recompute_lengths", list), ("items", list),
+                     ("meta", dict), ("tensors", dict), ("body_nbytes", int), ("body_sha256", str),
+                     ("token_ids_sha256", str)):
+        _check(key in h, source, f"missing {key!r}")
+        _check(isinstance(h[key], typ) and not isinstance(h[key], bool), source, f"{key!r} is not a {typ.__name__}")
+    for key in ("body_sha256", "token_ids_sha256"):
+        _check(re.fullmatch(r"[0-9a-f]{64}", h[key]) is not None, source, f"{key!r} is missing or not a sha256")
+    n_tokens, body_nbytes = h["n_tokens"], h["body_nbytes"]
+    _check(n_tokens >= 0 and body_nbytes >= 0, source, "negative n_tokens or body_nbytes")
+    _check(PREFIX_NBYTES + n + body_nbytes == size, source,
+           f"header + body = {PREFIX_NBYTES + n + body_nbytes} bytes but the file has {size} (truncated or "
+           "extended)")
+    lengths = h["recompute_lengths"]
+    _check(all(_is_int(x) and 0 <= x <= n_tokens for x in lengths), source,
+           f"recompute_lengths must be ints in [0, {n_tokens}]")
+    n_layers = len(lengths)
+    table = h["tensors"]
+    extents = []
+    for name, e in table.items():
+        _check(isinstance(e, dict) and set(e) == {"dtype", "shape", "offset", "nbytes"}, source,
+               f"tensor {name!r}: entry must have dtype, shape, offset, nbytes")
+        _check(e["dtype"] in DTYPES, source, f"tensor {name!r}: unknown dtype {e['dtype']!r}")
+        _check(isinstance(e["shape"], list) and all(_is_int(x) and x >= 0 for x in e["shape"]), source,
+               f"tensor {name!r}: shape must be a list of ints >= 0")
+        _check(_is_int(e["offset"]) and _is_int(e["nbytes"]) and e["offset"] >= 0, source,
+               f"tensor {name!r}: offset and nbytes must be ints >= 0")
+        numel = 1
+        for x in e["shape"]:
+            numel *= x
+        itemsize = torch.empty(0, dtype=DTYPES[e["dtype"]]).element_size()
+        _check(e["nbytes"] == numel * itemsize, source, f"tensor {name!r}: {e['nbytes']} bytes for shape "
+               f"{e['shape']} of {e['dtype']}")
+        _check(e["offset"] % itemsize == 0 and e["offset"] + e["nbytes"] <= body_nbytes, source,
+               f"tensor {name!r}: bytes [{e['offset']}, {e['offset'] + e['nbytes']}) not aligned or outside "
+               f"the body of {body_nbytes} bytes")
+        if e["nbytes"]:
+            extents.append((e["offset"], e["offset"] + e["nbytes"], name))
+    extents.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(extents, extents[1:]):
+        _check(start_b >= end_a, source, f"tensors {a!r} and {b!r} overlap")
+    ids = table.get("token_ids")
+    _check(ids is not None and ids["dtype"] == "int32" and ids["shape"] == [n_tokens], source,
+           f"token_ids must be int32 of shape [{n_tokens}]")
+    from krul.compression import METHODS, _names
+
+    used = {"token_ids"}
+    for i, it in enumerate(h["items"]):
+        what = f"item {i}"
+        _check(isinstance(it, dict) and {"layers", "start", "end", "method", "keys", "meta"} <= set(it), source,
+               f"{what}: needs layers, start, end, method, keys, meta")
+        method, layers = it["method"], it["layers"]
+        _check(method == "exact" or method in METHODS, source, f"{what}: unknown method {method!r}")
+        _check(isinstance(layers, list) and len(layers) == (1 if method == "exact" else 2)
+               and all(_is_int(x) and 0 <= x < n_layers for x in layers) and len(set(layers)) == len(layers),
+               source, f"{what}: layers {layers!r} not {'one layer' if method == 'exact' else 'a pair'} "
+               f"in [0, {n_layers})")
+        _check(_is_int(it["start"]) and _is_int(it["end"]) and 0 <= it["start"] <= it["end"] <= n_tokens,
+               source, f"{what}: token range [{it['start']!r}, {it['end']!r}) not inside [0, {n_tokens}]")
+        _check(isinstance(it["meta"], dict), source, f"{what}: meta is not an object")
+        expected = ["keys", "values"] if method == "exact" else sorted(_names(method))
+        _check(it["keys"] == expected, source, f"{what}: tensors {it['keys']!r}, expected {expected}")
+        if method != "exact":
+            m = it["meta"]
+            _check(m.get("method") == method and [m.get("layer_a"), m.get("layer_b")] == layers, source,
+                   f"{what}: meta {m!r} does not name method {method!r} and layers {layers}")
+        for key in expected:
+            _check(f"{i}.{key}" in table, source, f"{what}: tensor {i}.{key} missing from the tensor table")
+            used.add(f"{i}.{key}")
+        if method == "exact":
+            k, v = table[f"{i}.keys"], table[f"{i}.values"]
+            _check(len(k["shape"]) == 4 and k["shape"] == v["shape"] and k["shape"][2] == it["end"] - it["start"],
+                   source, f"{what}: keys/values shapes {k['shape']}/{v['shape']} do not hold "
+                   f"{it['end'] - it['start']} tokens")
+    _check(used == set(table), source, f"tensors {sorted(set(table) - used)} belong to no item")
+    return h
+
+
+def check_token_ids(raw: bytes, header: dict, source: str) -> torch.Tensor:
+    """The token ids (int64) from their raw bytes, checked against the header's sha256."""
+    if hashlib.sha256(raw).hexdigest() != header["token_ids_sha256"]:
+        raise _corrupt(source, "token ids checksum mismatch")
+    if not raw:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.frombuffer(bytearray(raw), dtype=torch.int32).to(torch.int64)
+
+
+def state_from_header(header: dict, token_ids: torch.Tensor, payload_for, source: str) -> StoredState:
+    """The state a validated header describes; `payload_for(i, method, names, meta)` builds item i's
+    payload. Coverage is checked (an inconsistent state is corrupt)."""
+    items = []
+    for i, it in enumerate(header["items"]):
+        payload = payload_for(i, it["method"], it["keys"], it["meta"])
+        items.append(StoredItem(tuple(it["layers"]), it["start"], it["end"], payload))
+    state = StoredState(header["fingerprint"], token_ids, tuple(header["recompute_lengths"]), items,
+                        header["meta"])
+    try:
+        state.check_coverage()
+    except StoreError as exc:
+        raise _corrupt(source, str(exc)) from None
+    return state
 
 
 def deserialize(blob: bytes, source: str = "state") -> StoredState:
-    """Inverse of `serialize`; any damage raises `StoreError` (never silently wrong KV)."""
-    from safetensors.torch import load
+    """Inverse of `serialize`; any damage raises `CorruptStateError` (never silently wrong KV)."""
+    blob = memoryview(blob)
+    prefix = bytes(blob[:PREFIX_NBYTES])
+    n = parse_prefix(prefix, len(blob), source)
+    header = parse_header(prefix, bytes(blob[PREFIX_NBYTES:PREFIX_NBYTES + n]), len(blob), source)
+    body = bytearray(blob[PREFIX_NBYTES + n:])
+    if hashlib.sha256(body).hexdigest() != header["body_sha256"]:
+        raise _corrupt(source, "body checksum mismatch (the stored KV is damaged)")
+    flat = torch.frombuffer(body, dtype=torch.uint8) if body else torch.zeros(0, dtype=torch.uint8)
+    table = header["tensors"]
 
-    if not blob.startswith(MAGIC):
-        raise StoreError(f"{source}: not a krul state file (bad magic)")
-    try:
-        n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
-        header = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + n])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{source}: corrupted header ({exc})") from exc
-    body = blob[len(MAGIC) + 8 + n:]
-    if hashlib.sha256(body).hexdigest() != header.get("body_sha256"):
-        raise StoreError(f"{source}: checksum mismatch, the stored KV is corrupted; delete it and "
-                         "recompute the conversation")
-    tensors = load(body)
-    items = []
-    for i, meta in enumerate(header["items"]):
-        named = {key: tensors[f"{i}.{key}"] for key in meta["keys"]}
-        payload = payload_from_tensors(meta["method"], named, meta["meta"])
-        items.append(StoredItem(tuple(meta["layers"]), meta["start"], meta["end"], payload))
-    return StoredState(header["fingerprint"], tensors["token_ids"].to(torch.int64),
-                       tuple(header["recompute_lengths"]), items, header.get("meta", {}))
+    def tensor(name: str) -> torch.Tensor:
+        e = table[name]
+        return flat[e["offset"]:e["offset"] + e["nbytes"]].view(DTYPES[e["dtype"]]).view(e["shape"])
+
+    ids = table["token_ids"]
+    token_ids = check_token_ids(bytes(body[ids["offset"]:ids["offset"] + ids["nbytes"]]), header, source)
+
+    def payload_for(i, method, names, meta):
+        try:
+            return payload_from_tensors(method, {k: tensor(f"{i}.{k}") for k in names}, meta)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise _corrupt(source, f"item {i}: {type(exc).__name__}: {exc}") from None
+
+    return state_from_header(header, token_ids, payload_for, source)
 
 
 def drop_page_cache(path: str | Path) -> None:
@@ -330,58 +532,168 @@ class MemoryStore(KVStore):
 
 
 class DiskStore(KVStore):
-    """One file per conversation state under `root`, written atomically, checksummed."""
+    """One file per conversation state under `root` (format 2: header and body checksummed).
+
+    Durability: a write serialises the state, takes the key's lock (`fcntl.flock` on `<name>.lock`,
+    held across processes and threads, also by `delete`), writes a unique temp file in `root`
+    (`.<name>.<random>.tmp`), fsyncs it, renames it over the target (`os.replace`) and fsyncs the
+    folder. A reader sees the previous complete version or the new one, never a mix; a failed write
+    (ENOSPC, a file-size limit, an interrupt) removes its temp file and raises `StoreError`, leaving
+    the previous version in place. Temp files left by a killed writer are swept when a store opens the
+    folder (only those whose key no writer holds). Lock files are kept (removing them would race).
+
+    Persistence: a store opened on a given `root` reads what earlier processes stored there; nothing
+    removes the folder. `DiskStore.temporary()` (what `make_store("disk")` without a root gives) is a
+    fresh folder removed at exit.
+
+    `get` of a missing key raises `MissingStateError`; of a damaged file `CorruptStateError` (both
+    `StoreError`s): delete the state and recompute the conversation.
+    """
 
     tier = "disk"
+    SUFFIX = ".krul"
 
     def __init__(self, root: str | Path, drop_page_cache: bool = True):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.drop_page_cache = drop_page_cache
+        self.ephemeral = False
+        self.swept = self.sweep()
+
+    @classmethod
+    def temporary(cls, drop_page_cache: bool = True) -> "DiskStore":
+        """A store in a fresh temporary folder, removed when the process exits."""
+        import atexit
+        import shutil
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="krul-states-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        store = cls(root, drop_page_cache)
+        store.ephemeral = True
+        return store
 
     def path(self, key: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-        return self.root / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.krul"
+        return self.root / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:8]}{self.SUFFIX}"
+
+    def _lock(self, name: str, blocking: bool = True):
+        """An open fd holding the exclusive lock of state file `name`, or None (non-blocking, held)."""
+        import fcntl
+
+        fd = os.open(self.root / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sweep(self) -> list[Path]:
+        """Remove temp files of failed or killed writes (those whose key's lock is free); returns them."""
+        removed = []
+        for tmp in self.root.glob(f".*{self.SUFFIX}.*.tmp"):
+            name = tmp.name[1:].rsplit(".", 2)[0]  # ".<name>.<random>.tmp" (mkstemp: no dots in random)
+            fd = self._lock(name, blocking=False)
+            if fd is None:
+                continue  # a writer is at work on this key
+            try:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+            finally:
+                os.close(fd)
+        if removed:
+            self._fsync_dir()
+        return removed
 
     def put(self, key: str, state: StoredState) -> int:
+        import tempfile
+
         path = self.path(key)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(serialize(state))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        head, body = encode(state)
+        lock = self._lock(path.name)
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                for data in (memoryview(head), memoryview(body)):
+                    while len(data):
+                        data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            tmp = None
+            self._fsync_dir()
+        except OSError as exc:
+            raise StoreError(f"could not write the state of conversation {key!r} to {path}: {exc}. The "
+                             "previous version (if any) is unchanged; free disk space or raise the "
+                             "file-size limit, or the conversation is recomputed next turn") from exc
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            os.close(lock)
         if self.drop_page_cache:
             drop_page_cache(path)
         return state.nbytes()
 
     def get(self, key: str) -> StoredState:
         path = self.path(key)
-        if not path.exists():
-            raise StoreError(f"no stored state for conversation {key!r}: {path} does not exist")
-        if self.drop_page_cache:
-            drop_page_cache(path)
-        return deserialize(path.read_bytes(), str(path))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise MissingStateError(f"no stored state for conversation {key!r}: {path} does not exist") from None
+        try:
+            if self.drop_page_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            size = os.fstat(fd).st_size
+            blob = bytearray(size)
+            view, got = memoryview(blob), 0
+            while got < size:
+                n = os.readv(fd, [view[got:]])
+                if n <= 0:
+                    break
+                got += n
+        finally:
+            os.close(fd)
+        return deserialize(blob[:got], f"{path} (conversation {key!r})")
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        path = self.path(key)
+        lock = self._lock(path.name)
+        try:
+            if path.exists():
+                path.unlink(missing_ok=True)
+                self._fsync_dir()
+        finally:
+            os.close(lock)
 
     def __contains__(self, key: str) -> bool:
         return self.path(key).exists()
 
 
 def make_store(tier: str, root: str | Path | None = None) -> KVStore:
-    """A store of the named tier; `root` is the folder of the disk tier."""
+    """A store of the named tier; `root` is the folder of the disk tier (kept across processes);
+    without one the disk tier is a temporary folder removed at exit."""
     if tier == "pageable":
         return MemoryStore(pinned=False)
     if tier == "pinned":
         return MemoryStore(pinned=True)
     if tier == "disk":
-        if root is None:
-            import tempfile
-
-            root = tempfile.mkdtemp(prefix="krul-states-")
-        return DiskStore(root)
+        return DiskStore(root) if root is not None else DiskStore.temporary()
     raise StoreError(f"unknown tier {tier!r}; known: {', '.join(TIERS)}")
 
 
