@@ -10,8 +10,8 @@ moves); an item already stored is never re-compressed.
 Tiers: `pageable` (ordinary CPU memory), `pinned` (page-locked, CUDA only) and `disk` (one file per
 conversation, format 2: header and body sha256-checked, the header schema-validated; written to a
 unique temp file under a per-key lock, fsynced, renamed and the folder fsynced; read from the disk
-with the page cache dropped; a given root persists across processes). Every state carries the fingerprint of the model that produced it; restoring into
-another model is an error. The store knows nothing about which layers to compress or why.
+with the page cache dropped; a given root persists across processes). Every state carries the
+fingerprint of the model that produced it; restoring into another model is an error. The store knows nothing about which layers to compress or why.
 """
 from __future__ import annotations
 
@@ -346,7 +346,7 @@ def parse_header(prefix: bytes, header_bytes: bytes, size: int, source: str) -> 
     for name, e in table.items():
         _check(isinstance(e, dict) and set(e) == {"dtype", "shape", "offset", "nbytes"}, source,
                f"tensor {name!r}: entry must have dtype, shape, offset, nbytes")
-        _check(e["dtype"] in DTYPES, source, f"tensor {name!r}: unknown dtype {e['dtype']!r}")
+        _check(isinstance(e["dtype"], str) and e["dtype"] in DTYPES, source, f"tensor {name!r}: unknown dtype {e['dtype']!r}")
         _check(isinstance(e["shape"], list) and all(_is_int(x) and x >= 0 for x in e["shape"]), source,
                f"tensor {name!r}: shape must be a list of ints >= 0")
         _check(_is_int(e["offset"]) and _is_int(e["nbytes"]) and e["offset"] >= 0, source,
@@ -376,7 +376,7 @@ def parse_header(prefix: bytes, header_bytes: bytes, size: int, source: str) -> 
         _check(isinstance(it, dict) and {"layers", "start", "end", "method", "keys", "meta"} <= set(it), source,
                f"{what}: needs layers, start, end, method, keys, meta")
         method, layers = it["method"], it["layers"]
-        _check(method == "exact" or method in METHODS, source, f"{what}: unknown method {method!r}")
+        _check(isinstance(method, str) and (method == "exact" or method in METHODS), source, f"{what}: unknown method {method!r}")
         _check(isinstance(layers, list) and len(layers) == (1 if method == "exact" else 2)
                and all(_is_int(x) and 0 <= x < n_layers for x in layers) and len(set(layers)) == len(layers),
                source, f"{what}: layers {layers!r} not {'one layer' if method == 'exact' else 'a pair'} "
@@ -390,6 +390,8 @@ def parse_header(prefix: bytes, header_bytes: bytes, size: int, source: str) -> 
             m = it["meta"]
             _check(m.get("method") == method and [m.get("layer_a"), m.get("layer_b")] == layers, source,
                    f"{what}: meta {m!r} does not name method {method!r} and layers {layers}")
+            _check(isinstance(m.get("t", 0.5), (int, float)) and not isinstance(m.get("t"), bool), source,
+                   f"{what}: meta 't' {m.get('t')!r} is not a number")
         for key in expected:
             _check(f"{i}.{key}" in table, source, f"{what}: tensor {i}.{key} missing from the tensor table")
             used.add(f"{i}.{key}")

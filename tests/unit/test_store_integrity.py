@@ -375,3 +375,50 @@ def test_a_given_root_persists_across_processes(tiny, tmp_path):
     print(make_store("disk").root)
     """)
     assert temp.returncode == 0 and not Path(temp.stdout.strip()).exists()  # the temporary tier is removed
+
+
+def test_random_header_edits_under_a_valid_checksum_only_raise_store_errors(tiny, tmp_path):
+    """800 random edits of header fields (values swapped for wrong types, ranges, deletions),
+    re-checksummed: deserialize and open_state_file raise StoreError or succeed, nothing else."""
+    import hashlib
+
+    _, state = tiny
+    blob = serialize(state)
+    n = _header_len(blob)
+    body = blob[PREFIX_NBYTES + n:]
+    original = json.loads(blob[PREFIX_NBYTES:PREFIX_NBYTES + n])
+
+    def paths(o, p=()):
+        yield p
+        children = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+        for k, v in children:
+            yield from paths(v, p + (k,))
+
+    where = list(paths(original))[1:]
+    values = [None, True, -1, 0, 1, 3, 7, N, N + 1, 10 ** 12, 1.5, "x", "", [], {}, [0], [1, 3], [3, 1],
+              "float32", "complex64"]
+    rng = random.Random(2)
+    path = tmp_path / "s.krul"
+    for _ in range(800):
+        h = json.loads(json.dumps(original))
+        for _ in range(rng.choice([1, 1, 2])):
+            p = rng.choice(where)
+            try:
+                o = h
+                for k in p[:-1]:
+                    o = o[k]
+                if isinstance(o, dict) and rng.random() < 0.15:
+                    del o[p[-1]]
+                else:
+                    o[p[-1]] = rng.choice(values)
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier edit removed or replaced the path
+        new = json.dumps(h).encode()
+        head = MAGIC + len(new).to_bytes(8, "little")
+        forged = head + hashlib.sha256(head + new).digest() + new + body
+        path.write_bytes(forged)
+        for parse in (lambda: deserialize(forged), lambda: open_state_file(path)):
+            try:
+                parse()
+            except StoreError:
+                pass
