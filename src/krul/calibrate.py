@@ -28,21 +28,8 @@ from pathlib import Path
 import torch
 
 from krul import paths
-
-
-# policies calibrated by a record of their own, `<model>.<suffix>.json` (the rest read `<model>.json`)
-OWN_CALIBRATION = {"krul-svd-loss": "svd-loss", "krul-fix-svd-loss": "svd-loss"}
-
-
-def calibration_path(model: str, policy: str | None = None) -> Path:
-    """The dev calibration record `policy` (default: the paper's family) of `model` reads."""
-    suffix = OWN_CALIBRATION.get(policy or "")
-    return paths.experiments_dir() / "calibration" / (f"{model}.{suffix}.json" if suffix else f"{model}.json")
-
-
-def load_calibration(model: str, policy: str | None = None) -> dict | None:
-    path = calibration_path(model, policy)
-    return json.loads(path.read_text()) if path.exists() else None
+# the records' locations and reading live in `records`, below the policies that read them; re-exported
+from krul.records import OWN_CALIBRATION, calibration_path, load_calibration  # noqa: F401
 
 
 def _first_turns(conv, max_turns: int) -> list[dict]:

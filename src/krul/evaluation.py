@@ -150,7 +150,7 @@ def summarize(rows: list, model: str, policy: str, references: dict | None = Non
 def evaluate(args) -> dict:
     """`krul evaluate`: build the engine from CLI args, run, summarise (one JSON object)."""
     from krul import data
-    from krul.cli import build_engine
+    from krul.factory import build_engine
 
     conversations = data.load_conversations(args.conversations, split=args.split, ids=args.ids,
                                             limit=args.limit)

@@ -370,7 +370,7 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     the dev split): tau and the target ratio of the krul
     family, the fixed pairs of krul-fix and kvsharer (at krul's pair count), minicache's ratio, and
     the dev layer sensitivities that weight an svd-loss policy's pair scores."""
-    from krul.calibrate import load_calibration
+    from krul.records import load_calibration
 
     cal = load_calibration(model, policy.name)
     if cal is None or policy.selector is None:
