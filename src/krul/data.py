@@ -89,6 +89,14 @@ class Conversation:
         """Indices into `messages` of the user messages, in order."""
         return [i for i, m in enumerate(self.messages) if m["role"] == "user"]
 
+    @property
+    def content_key(self) -> str:
+        """`id@digest`: the id and a digest of the messages, so that caches keyed by it (greedy
+        references, resumable partial results) never serve an edited conversation saved under the
+        same id."""
+        blob = json.dumps(self.messages, sort_keys=True, ensure_ascii=False).encode()
+        return f"{self.id}@{hashlib.sha256(blob).hexdigest()[:16]}"
+
 
 # --------------------------------------------------------------------------------------------
 # ids, splits, order

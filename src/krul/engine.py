@@ -52,6 +52,7 @@ class TurnResult:
     loaded_stored_bytes: int = 0  # stored bytes of those (compression alone)
     restore_report: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)  # the plan of the state restored for this turn
+    conversation_key: str = ""  # `Conversation.content_key`: id + digest of the messages (cache keys)
 
     def to_json(self, full: bool = False) -> dict:
         row = dict(self.__dict__)
@@ -267,6 +268,7 @@ class Engine:
                 nxt = messages[i + 1] if i + 1 < len(messages) else None
                 reply = nxt["content"] if nxt is not None and nxt["role"] == "assistant" else None
                 result = self.turn(conversation.id, turn_idx, history, messages[i], reply)
+                result.conversation_key = conversation.content_key
                 yield result
                 content = reply if (self.history == "teacher" and reply is not None) else result.generated_text
                 history = history + [messages[i], {"role": "assistant", "content": content}]

@@ -51,6 +51,8 @@ def paired_ratio_ci(a: dict, b: dict, n_boot: int = 2000, seed: int = 0, level: 
 
 
 def _reference_path(model: str, conversation_id: str, turn_idx: int, history: str) -> str:
+    """The cache file of a greedy reference; `conversation_id` is the conversation's `content_key`
+    (id + digest of its messages), so an edited conversation under the same id gets its own."""
     key = hashlib.sha256(f"{model}|{conversation_id}|{turn_idx}|{history}|{GREEDY_TOKENS}".encode()).hexdigest()[:20]
     return str(paths.krul_home() / "cache" / "greedy" / f"{key}.json")
 
@@ -86,7 +88,7 @@ def run_policy(engine, conversations, max_turns: int = 3, progress: bool = True)
     for conv in tqdm(conversations, desc=f"{engine.policy.name}", disable=not progress, leave=False):
         for result in engine.replay(conv, max_turns=max_turns):
             if engine.policy.name == "full-load" and not engine.do_sample:
-                save_reference(engine.adapter.name, conv.id, result.turn_idx,
+                save_reference(engine.adapter.name, conv.content_key, result.turn_idx,
                                result.generated_ids[:GREEDY_TOKENS], result.generated_text, engine.history)
             rows.append(result)
     return rows
@@ -110,7 +112,7 @@ def summarize(rows: list, model: str, policy: str, references: dict | None = Non
         loaded_stored += r.loaded_stored_bytes
         rec_num += r.recompute_ratio * r.history_tokens
         rec_den += r.history_tokens
-        ref = load_reference(model, r.conversation_id, r.turn_idx, history)
+        ref = load_reference(model, r.conversation_key or r.conversation_id, r.turn_idx, history)
         if ref is not None:
             a, b = r.generated_ids[:GREEDY_TOKENS], ref["ids"][:GREEDY_TOKENS]
             common = 0
@@ -162,7 +164,7 @@ def evaluate(args) -> dict:
     max_turns = args.max_turns or 3
     if args.policy != "full-load":  # make sure the greedy references exist
         missing = [c for c in conversations
-                   if any(load_reference(args.model, c.id, t, history) is None for t in range(1, max_turns))]
+                   if any(load_reference(args.model, c.content_key, t, history) is None for t in range(1, max_turns))]
         if missing:
             ref_engine = build_engine(args, policy_name="full-load")
             ref_engine.max_new_tokens = max(ref_engine.max_new_tokens, GREEDY_TOKENS)

@@ -461,6 +461,14 @@ def select_conversations(spec: str = "sharegpt", split: str | None = "test", n: 
     return out
 
 
+def policy_key(policy) -> str:
+    """`name#digest` of a policy with every parameter (its dataclass repr): a resumed run never
+    reuses a unit computed under other parameters (an edited `target_ratio`, say)."""
+    import hashlib
+
+    return f"{policy.name}#{hashlib.sha256(repr(policy).encode()).hexdigest()[:12]}"
+
+
 class PartialResults:
     """Finished units of a long loop as JSON lines (`{"key": ..., "value": ...}`), for resuming."""
 
@@ -531,7 +539,7 @@ def replay_cached(cache: PartialResults, key: str, engine, conv, max_turns: int)
     rows = []
     for r in engine.replay(conv, max_turns=max_turns):
         if engine.policy.name == "full-load" and not engine.do_sample:
-            save_reference(engine.adapter.name, conv.id, r.turn_idx, r.generated_ids[:GREEDY_TOKENS],
+            save_reference(engine.adapter.name, conv.content_key, r.turn_idx, r.generated_ids[:GREEDY_TOKENS],
                            r.generated_text, engine.history)
         rows.append(_turn_json(r))
     cache.add(key, rows)
@@ -574,8 +582,9 @@ def long_context_turn(engine, conv, new_input_tokens: int = 128, max_context_tok
         del cache
         result = engine.turn(cid, 1, before, user, reply)
     engine.store.delete(cid)
+    result.conversation_key = conv.content_key + conv_suffix
     if engine.policy.name == "full-load" and not engine.do_sample:
-        save_reference(engine.adapter.name, cid, 1, result.generated_ids[:GREEDY_TOKENS],
+        save_reference(engine.adapter.name, result.conversation_key, 1, result.generated_ids[:GREEDY_TOKENS],
                        result.generated_text, engine.history)
     return result
 
@@ -609,7 +618,7 @@ def _quality_summary(rows_by_policy: dict, model: str, dataset: str, history: st
         for r in turns:
             if r.turn_idx < 1:
                 continue
-            ref = load_reference(model, r.conversation_id, r.turn_idx, history)
+            ref = load_reference(model, r.conversation_key or r.conversation_id, r.turn_idx, history)
             if ref is None:
                 continue
             # over the reference's first GREEDY_TOKENS tokens (fewer when the profile decodes fewer)
@@ -683,7 +692,7 @@ def _quality(cfg: dict, datasets: list[dict], cache_name: str) -> pd.DataFrame:
                     continue
                 rows = []
                 for conv in _progress(convs, f"{model} {ds['name']} {policy_name}"):
-                    key = f"{model}|{ds['name']}|{policy_name}|{conv.id}"
+                    key = f"{model}|{ds['name']}|{policy_key(engine.policy)}|{conv.content_key}"
                     if ds.get("protocol") == "long_context":
                         if key not in cache:
                             r = long_context_turn(engine, conv, ds.get("new_input_tokens", 128),
@@ -767,7 +776,7 @@ def run_fig3_storage(cfg: dict) -> pd.DataFrame:
                 skipped.append(f"{model}/{policy_name}: {e}")
                 continue
             for conv in _progress(convs, f"{model} {policy_name}"):
-                key = f"{model}|{policy_name}|{conv.id}"
+                key = f"{model}|{policy_key(engine.policy)}|{conv.content_key}"
                 for r in replay_cached(cache, key, engine, conv, ds.get("max_turns", 3)):
                     if r["turn_idx"] < 1:
                         continue
@@ -795,7 +804,7 @@ def _estimator_stats(adapter, convs, max_turns: int, cfg: dict, cache_name: str)
     engine = None
     out = []
     for conv in _progress(convs, f"{adapter.name} estimator"):
-        key = f"{adapter.name}|{conv.id}|{max_turns}"
+        key = f"{adapter.name}|{conv.content_key}|{max_turns}"
         if key not in cache:
             if engine is None:
                 policy = make_policy("krul-fixed-split", cfg.get("policy_overrides", {}).get("krul"), adapter.name)

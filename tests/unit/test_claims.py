@@ -14,3 +14,18 @@ def test_smoke_runs_are_not_judged(monkeypatch):
     failing = dict(claim, threshold=100.0)
     assert experiments.check_claim({"slug": "x", "profile": "default", "claim": failing},
                                    pd.DataFrame())["verdict"] == "does not hold"
+
+
+def test_cache_keys_change_with_the_conversation_and_the_policy():
+    """An edited conversation under the same id, or a policy with another parameter, gets another key."""
+    from krul.data import Conversation
+    from krul.policies import get_policy
+
+    a = Conversation("c1", [{"role": "user", "content": "hi"}], "test")
+    b = Conversation("c1", [{"role": "user", "content": "hi!"}], "test")
+    assert a.content_key != b.content_key and a.content_key.startswith("c1@")
+    assert a.content_key == Conversation("c1", [{"role": "user", "content": "hi"}], "x").content_key
+    p = get_policy("krul")
+    q = p.with_params(selector_params={**p.selector_params, "target_ratio": 1.7})
+    assert experiments.policy_key(p) != experiments.policy_key(q)
+    assert experiments.policy_key(p) == experiments.policy_key(get_policy("krul"))
