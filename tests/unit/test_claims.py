@@ -29,3 +29,22 @@ def test_cache_keys_change_with_the_conversation_and_the_policy():
     q = p.with_params(selector_params={**p.selector_params, "target_ratio": 1.7})
     assert experiments.policy_key(p) != experiments.policy_key(q)
     assert experiments.policy_key(p) == experiments.policy_key(get_policy("krul"))
+
+
+def test_fig2_predicate_fails_when_any_baseline_is_faster():
+    """The strongest-rival predicate holds when krul is fastest on every tier and fails when one
+    baseline beats it on one tier (full recompute alone could never fail it)."""
+    cfg = {"slug": "fig2_ttft", "profile": "default",
+           "claim": {"metric": "best_baseline_over_krul_at_longest", "op": ">=", "threshold": 1.0,
+                     "baselines": ["full-load", "cake"]}}
+    rows = []
+    for tier in ("pageable", "disk"):
+        for policy, t in (("full-recompute", 2.0), ("full-load", 0.5), ("cake", 0.4), ("krul", 0.3)):
+            rows.append({"tier": tier, "policy": policy, "history_tokens": 512, "ttft_s": t})
+            rows.append({"tier": tier, "policy": policy, "history_tokens": 128, "ttft_s": t / 4})
+    df = pd.DataFrame(rows)
+    ok = experiments.check_claim(cfg, df)
+    assert ok["verdict"] == "holds" and abs(ok["value"] - 0.4 / 0.3) < 1e-9
+    df.loc[(df.tier == "disk") & (df.policy == "cake") & (df.history_tokens == 512), "ttft_s"] = 0.2
+    bad = experiments.check_claim(cfg, df)
+    assert bad["verdict"] == "does not hold" and abs(bad["value"] - 0.2 / 0.3) < 1e-9
