@@ -77,7 +77,7 @@ def load_config(slug: str, profile: str = "default", device: str = "auto", out_d
     """The resolved config of a figure: `params` merged with `profiles[profile]` and the overrides.
 
     Returns a flat dict with `slug`, `title`, `claim`, `profile`, `device` (resolved: cpu or cuda),
-    `out_dir` (absolute; default `results/<slug>/interactive-<device>-<profile>`, apart from the
+    `out_dir` (absolute; default a fresh `results/<slug>/interactive-<time>`, apart from the
     `results/<slug>/<device>-<profile>` that `make reproduce` passes), `seed`, and the parameters.
     """
     path = paths.experiments_dir() / f"{slug}.yaml"
@@ -92,8 +92,9 @@ def load_config(slug: str, profile: str = "default", device: str = "auto", out_d
     cfg = _deep_merge(raw.get("params") or {}, profiles[profile])
     cfg = _deep_merge(cfg, overrides)
     device = resolve_device(device)
-    if out_dir is None:  # an interactive run (JupyterLab's Run All) never writes make reproduce's folder
-        out_dir = paths.results_dir() / slug / f"interactive-{device}-{profile}"
+    if out_dir is None:  # an interactive run (JupyterLab's Run All) gets a fresh folder of its own,
+        # never the reference or make reproduce's folder
+        out_dir = paths.results_dir() / slug / f"interactive-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out_dir)
     if not out.is_absolute():
         out = paths.REPO_ROOT / out
@@ -231,7 +232,7 @@ def check_claim(cfg: dict, df: pd.DataFrame) -> dict:
 
     Returns {"metric", "value", "op", "threshold", "tolerance", "verdict", "text"}; the verdict is
     "holds", "does not hold", "not measured" (the metric could not be computed from these rows), or
-    "not judged (smoke profile)": a smoke run's data is too small to judge a claim by, whichever way
+    "smoke run: not a measurement": a smoke run's data is too small to judge a claim by, whichever way
     it would come out.
     """
     claim = cfg.get("claim") or {}
@@ -249,7 +250,7 @@ def check_claim(cfg: dict, df: pd.DataFrame) -> dict:
     if not _finite(value):
         verdict = "not measured"
     elif cfg.get("profile") == "smoke":  # a smoke run checks that the pipeline runs, not the claim
-        verdict = "not judged (smoke profile)"
+        verdict = "smoke run: not a measurement"
     elif op == ">=":
         verdict = "holds" if value >= thr - tol else "does not hold"
     elif op == "<=":

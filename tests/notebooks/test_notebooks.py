@@ -60,5 +60,5 @@ def test_notebook_smoke(slug, tmp_path):
     for name in ("data.csv", "config.yaml", "env.json", f"{slug}.png", f"{slug}.pdf", f"{slug}.ipynb"):
         assert (out / name).is_file(), f"{name} missing"
     env = json.loads((out / "env.json").read_text())
-    assert env["verdict"]["verdict"] in ("not judged (smoke profile)", "not measured")  # smoke never judges
+    assert env["verdict"]["verdict"] in ("smoke run: not a measurement", "not measured")  # smoke never judges
     assert env["device"] == "cpu" and "torch" in env["versions"]
