@@ -914,16 +914,16 @@ def summarize(rows: list[dict]) -> dict:
                str(r.get("prefill_path") or "graph"))
         blocks.setdefault(key, {})
         name = r["policy"]
-        if name == "krul" and str(r["plan_source"]).startswith("none") and "krul" in blocks[key]:
-            name = "krul (uncompressed)"
+        if name in ("krul", "krul-svd-loss") and str(r["plan_source"]).startswith("none") and name in blocks[key]:
+            name += " (uncompressed)"
         blocks[key].setdefault(name, r)
     lines, checks = [], []
     for key, by in sorted(blocks.items()):
-        k = by.get("krul")
+        k = by.get("krul-svd-loss") or by.get("krul")  # the quality-validated policy when it ran
         if k is None:
             continue
         parts = []
-        for base in ("full-recompute", "partial-recompute", "full-load", "cake", "minicache"):
+        for base in ("full-recompute", "partial-recompute", "full-load", "cake", "minicache", "kvsharer"):
             if base in by:
                 tt = float(by[base]["ttft_s"]) / float(k["ttft_s"])
                 rr = float(by[base]["restore_s"]) / float(k["restore_s"])
