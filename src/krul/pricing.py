@@ -9,7 +9,13 @@ unit tests check it equals `CompressedPair.nbytes()` for every method and segmen
 split by `PlanPricing.layer_bytes(lengths)`: each layer's share of the bytes its items load.
 
 This module knows nothing about models, stores or devices: geometry and parameters come in as
-numbers. It imports only `krul.compression` (for `svd_rank`).
+numbers. It imports only `krul.compression` (for `svd_rank`) and `krul.quant` (quantized tensors).
+
+Storage bytes (issue 19): `storage_nbytes` counts a payload as a bf16 deployment stores it, whatever
+dtype the model computes in (fp32 on the CPU): 2 bytes per floating element (scales and zero points
+of quantized payloads included), integer tensors (packed codes, indices) at their real size.
+`storage_ratio(state)` = the history's full KV at 2 bytes per element / the state's stored KV
+counted the same way: a compression ratio that does not depend on the compute dtype.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from krul.compression import METHODS, svd_rank
+from krul.quant import GROUP_AXIS, float_names, quantized_nbytes
 
 _INDEX_BYTES = 4  # retain_idx is int32
 
@@ -75,6 +82,98 @@ def pair_nbytes(method: str, n_tokens: int, n_kv_heads: int, head_dim: int, elem
     return total + 4 * b * h * x * d * e + _INDEX_BYTES * x
 
 
+STORAGE_ELEM_BYTES = 2  # a bf16 deployment's bytes per unquantized element
+
+
+def storage_nbytes(payload, elem_bytes: int = STORAGE_ELEM_BYTES) -> int:
+    """Bytes of `payload` as a bf16 deployment stores it: `elem_bytes` per floating element (KV,
+    directions, norms, coefficients, scales, zero points), integer tensors (quantized codes, token
+    indices) at their real size. Equals `payload.nbytes()` for a payload held in bf16."""
+    total = 0
+    for t in payload.tensors().values():
+        total += t.numel() * (int(elem_bytes) if t.is_floating_point() else t.element_size())
+    return total
+
+
+def state_storage_bytes(state, elem_bytes: int = STORAGE_ELEM_BYTES) -> int:
+    """`storage_nbytes` of every item of a `StoredState` (its KV only, as `kv_bytes()`)."""
+    return sum(storage_nbytes(item.payload, elem_bytes) for item in state.items)
+
+
+def full_storage_bytes(n_tokens: int, n_layers: int, n_kv_heads: int, head_dim: int,
+                       elem_bytes: int = STORAGE_ELEM_BYTES) -> int:
+    """Bytes of a history's whole uncompressed KV (every layer, every token) at `elem_bytes`."""
+    return int(n_layers) * exact_nbytes(n_tokens, n_kv_heads, head_dim, elem_bytes)
+
+
+def state_geometry(state) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a state: from its fingerprint, else from one of its payloads."""
+    fp = state.fingerprint or {}
+    if "kv_heads" in fp and "head_dim" in fp:
+        return int(fp["kv_heads"]), int(fp["head_dim"])
+    four_d = {"exact": "keys", "share": "k", "merge": "k_dir", "svd": "k_ret_a"}  # (b, heads, n, head_dim)
+    for item in state.items:
+        p = item.payload
+        if p.method == "quant":
+            shape = p.shapes[four_d[p.inner]]
+        else:
+            shape = p.tensors()[four_d[p.method]].shape
+        return int(shape[1]), int(shape[3])
+    raise ValueError("the state has neither a fingerprint with kv_heads/head_dim nor a stored item")
+
+
+def storage_ratio(state, elem_bytes: int = STORAGE_ELEM_BYTES) -> float:
+    """Full KV of the state's history (all layers and tokens) / its stored KV, both at `elem_bytes`
+    per unquantized element: independent of the compute dtype. Recomputed tokens count as not
+    stored; a state storing nothing is inf."""
+    heads, head_dim = state_geometry(state)
+    full = full_storage_bytes(state.n_tokens, state.n_layers, heads, head_dim, elem_bytes)
+    stored = state_storage_bytes(state, elem_bytes)
+    return full / stored if stored else math.inf
+
+
+def pair_shapes(method: str, n_tokens: int, n_kv_heads: int, head_dim: int, batch: int = 1, offset: int = 0,
+                rank_ratio: float = 0.625, sink_tokens: int | None = None, retain_ratio: float = 0.0,
+                value_share: float = 0.5, **_ignored) -> dict[str, tuple[int, ...]]:
+    """Shapes of every floating tensor of a compressed pair (as `pair_nbytes` counts them), and under
+    "retain_idx" the (n_exact,) index shape (merge and svd)."""
+    n = max(0, int(n_tokens))
+    h, d, b = int(n_kv_heads), int(head_dim), int(batch)
+    if method == "share":
+        return {"k": (b, h, n, d), "v": (b, h, n, d)}
+    if sink_tokens is None:
+        sink_tokens = 1 if method == "svd" else 0
+    n_sink = max(0, min(n, int(sink_tokens) - int(offset)))
+    if method == "merge":
+        x = _n_exact(n, n_sink, retain_ratio, n)
+        out = {f"{kv}_dir": (b, h, n, d) for kv in "kv"}
+        out.update({f"{kv}_norm_{s}": (b, h, n) for kv in "kv" for s in "ab"})
+    elif method == "svd":
+        width, fit = 2 * h * d, n - n_sink
+        x = _n_exact(n, n_sink, retain_ratio, fit)
+        out = {}
+        for kv in "kv":
+            share = 2.0 * (value_share if kv == "v" else 1.0 - value_share)
+            r = svd_rank(fit, width, min(1.0, rank_ratio * share))
+            out[f"{kv}_coef"], out[f"{kv}_basis"] = (b, n, r), (b, r, width)
+    else:
+        raise ValueError(f"unknown compression method '{method}'; known: {', '.join(METHODS)}")
+    out.update({f"{kv}_ret_{s}": (b, h, x, d) for kv in "kv" for s in "ab"})
+    out["retain_idx"] = (x,)
+    return out
+
+
+def quantized_payload_nbytes(method: str, shapes: dict, bits: int, group: int, scale_bytes: int) -> int:
+    """Bytes of a `quant.QuantizedPayload` of inner `method` whose tensors have `shapes` (`pair_shapes`,
+    or {"keys": s, "values": s} for "exact"): packed codes, a scale and a zero per group
+    (`scale_bytes` each), and the int32 indices."""
+    total = sum(quantized_nbytes(shapes[n], GROUP_AXIS[method][n], bits, group, scale_bytes)
+                for n in float_names(method))
+    if "retain_idx" in shapes:
+        total += _INDEX_BYTES * math.prod(shapes["retain_idx"])
+    return total
+
+
 @dataclass(frozen=True)
 class PlanPricing:
     """The bytes a plan stores and loads for a history of `n_tokens`, per layer and in total.
@@ -91,6 +190,8 @@ class PlanPricing:
     pairs : the plan's layer pairs; () prices uncompressed storage
     method : the pairs' compression method
     params : the method's compression parameters (`pair_nbytes`' keywords)
+    codec : None, or a storage codec {"bits": b, "group": g} (`quant.codec_fn`): every item is then
+        priced as its `quant.QuantizedPayload` (scales and zeros at `elem_bytes`)
     """
 
     n_tokens: int
@@ -101,22 +202,39 @@ class PlanPricing:
     pairs: tuple[tuple[int, int], ...] = ()
     method: str = "merge"
     params: dict = field(default_factory=dict)
+    codec: dict | None = None
 
     @classmethod
     def for_adapter(cls, adapter, n_tokens: int, plan=None, params: dict | None = None,
                     elem_bytes: int | None = None) -> "PlanPricing":
-        """Pricing of `plan` (a `CompressionPlan` or None) on an adapter's geometry and dtype."""
+        """Pricing of `plan` (a `CompressionPlan` or None) on an adapter's geometry and dtype;
+        a "codec" entry of `params` (a policy's compress_params) becomes the pricing's codec."""
         import torch
 
         e = elem_bytes or torch.finfo(adapter.dtype).bits // 8
         pairs = tuple(plan.pairs) if plan is not None else ()
         method = plan.method if plan is not None else "merge"
+        params = dict(params or {})
+        codec = params.pop("codec", None)
         return cls(int(n_tokens), adapter.n_layers, adapter.n_kv_heads, adapter.head_dim, int(e), pairs,
-                   method, dict(params or {}) if method != "share" else {})
+                   method, params if method != "share" else {}, dict(codec) if codec else None)
 
     def pair_bytes(self, n_segment: int, offset: int = 0) -> int:
+        if self.codec:
+            shapes = pair_shapes(self.method, n_segment, self.n_kv_heads, self.head_dim, offset=offset,
+                                 **self.params)
+            return quantized_payload_nbytes(self.method, shapes, int(self.codec["bits"]),
+                                            int(self.codec.get("group", 64)), self.elem_bytes)
         return pair_nbytes(self.method, n_segment, self.n_kv_heads, self.head_dim, self.elem_bytes,
                            offset=offset, **self.params)
+
+    def exact_bytes(self, n_segment: int) -> int:
+        """Bytes of one layer's exact K and V over `n_segment` tokens (quantized under the codec)."""
+        if self.codec and n_segment > 0:
+            shape = (1, self.n_kv_heads, int(n_segment), self.head_dim)
+            return quantized_payload_nbytes("exact", {"keys": shape, "values": shape}, int(self.codec["bits"]),
+                                            int(self.codec.get("group", 64)), self.elem_bytes)
+        return exact_nbytes(n_segment, self.n_kv_heads, self.head_dim, self.elem_bytes)
 
     def layer_bytes(self, lengths: Sequence[int]) -> np.ndarray:
         """(L,) bytes each layer loads under the split `lengths` (a pair's split over its two)."""
@@ -135,7 +253,7 @@ class PlanPricing:
                 out[b] += nb / 2
         for l in range(self.n_layers):
             if l not in paired:
-                out[l] = exact_nbytes(n - int(lengths[l]), self.n_kv_heads, self.head_dim, self.elem_bytes)
+                out[l] = self.exact_bytes(n - int(lengths[l]))
         return out
 
     def total_bytes(self, lengths: Sequence[int] | None = None) -> int:

@@ -227,8 +227,13 @@ class MissingStateError(StoreError):
 
 
 def payload_from_tensors(method: str, tensors: dict, meta: dict):
+    """The payload of `method` ("exact", a compression method, or "quant": `quant.QuantizedPayload`)."""
     if method == "exact":
         return ExactLayer.from_tensors(tensors, meta)
+    if method == "quant":
+        from krul.quant import QuantizedPayload
+
+        return QuantizedPayload.from_tensors(tensors, meta)
     from krul.compression import CompressedPair
 
     return CompressedPair.from_tensors(tensors, meta)
@@ -369,33 +374,50 @@ def parse_header(prefix: bytes, header_bytes: bytes, size: int, source: str) -> 
     _check(ids is not None and ids["dtype"] == "int32" and ids["shape"] == [n_tokens], source,
            f"token_ids must be int32 of shape [{n_tokens}]")
     from krul.compression import METHODS, _names
+    from krul import quant
 
     used = {"token_ids"}
     for i, it in enumerate(h["items"]):
         what = f"item {i}"
         _check(isinstance(it, dict) and {"layers", "start", "end", "method", "keys", "meta"} <= set(it), source,
                f"{what}: needs layers, start, end, method, keys, meta")
-        method, layers = it["method"], it["layers"]
-        _check(isinstance(method, str) and (method == "exact" or method in METHODS), source, f"{what}: unknown method {method!r}")
+        outer, layers = it["method"], it["layers"]
+        _check(isinstance(outer, str) and (outer in ("exact", quant.METHOD) or outer in METHODS), source,
+               f"{what}: unknown method {outer!r}")
+        _check(isinstance(it["meta"], dict), source, f"{what}: meta is not an object")
+        method = outer
+        if outer == quant.METHOD:  # a quantized payload: checked as its inner method, then its codes
+            method = it["meta"].get("inner")
+            _check(isinstance(method, str) and method in quant.INNER_METHODS, source,
+                   f"{what}: unknown inner method {method!r} of a quantized payload")
         _check(isinstance(layers, list) and len(layers) == (1 if method == "exact" else 2)
                and all(_is_int(x) and 0 <= x < n_layers for x in layers) and len(set(layers)) == len(layers),
                source, f"{what}: layers {layers!r} not {'one layer' if method == 'exact' else 'a pair'} "
                f"in [0, {n_layers})")
         _check(_is_int(it["start"]) and _is_int(it["end"]) and 0 <= it["start"] <= it["end"] <= n_tokens,
                source, f"{what}: token range [{it['start']!r}, {it['end']!r}) not inside [0, {n_tokens}]")
-        _check(isinstance(it["meta"], dict), source, f"{what}: meta is not an object")
-        expected = ["keys", "values"] if method == "exact" else sorted(_names(method))
+        if outer == quant.METHOD:
+            expected = quant.stored_names(method)
+        else:
+            expected = ["keys", "values"] if method == "exact" else sorted(_names(method))
         _check(it["keys"] == expected, source, f"{what}: tensors {it['keys']!r}, expected {expected}")
+        for key in expected:
+            _check(f"{i}.{key}" in table, source, f"{what}: tensor {i}.{key} missing from the tensor table")
         if method != "exact":
-            m = it["meta"]
+            m = it["meta"] if outer != quant.METHOD else it["meta"].get("inner_meta")
+            _check(isinstance(m, dict), source, f"{what}: inner meta is not an object")
             _check(m.get("method") == method and [m.get("layer_a"), m.get("layer_b")] == layers, source,
                    f"{what}: meta {m!r} does not name method {method!r} and layers {layers}")
             _check(isinstance(m.get("t", 0.5), (int, float)) and not isinstance(m.get("t"), bool), source,
                    f"{what}: meta 't' {m.get('t')!r} is not a number")
-        for key in expected:
-            _check(f"{i}.{key}" in table, source, f"{what}: tensor {i}.{key} missing from the tensor table")
-            used.add(f"{i}.{key}")
-        if method == "exact":
+        used.update(f"{i}.{key}" for key in expected)
+        if outer == quant.METHOD:
+            problem = quant.check_header(it["meta"], {key: table[f"{i}.{key}"] for key in expected})
+            _check(problem is None, source, f"{what}: quantized payload: {problem}")
+            shape = it["meta"]["tensors"][quant._MAIN[method]]["shape"]
+            _check(shape[quant.TOKEN_AXIS[method][quant._MAIN[method]]] == it["end"] - it["start"], source,
+                   f"{what}: quantized payload of shape {shape} does not hold {it['end'] - it['start']} tokens")
+        elif method == "exact":
             k, v = table[f"{i}.keys"], table[f"{i}.values"]
             _check(len(k["shape"]) == 4 and k["shape"] == v["shape"] and k["shape"][2] == it["end"] - it["start"],
                    source, f"{what}: keys/values shapes {k['shape']}/{v['shape']} do not hold "
