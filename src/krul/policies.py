@@ -22,6 +22,11 @@ Policies and the papers they implement:
   one-plan-for-all ablation); krul-svd-loss (each conversation's pairs ranked by what svd loses on
   its own KV, `compression.svd_pair_losses`) and krul-fix-svd-loss (the one plan of lowest mean
   svd loss on dev).
+- storage codecs (issue 19; `quant.py`, a policy's `compress_params["codec"]` = {"bits", "group"}:
+  every stored payload quantized after `build_state`): int8 and int4 (FlexGen-style group-wise
+  quantization of the stored KV, everything loaded), kivi (KIVI: int2, K per channel, V per token),
+  krul-svd-loss-int8 and krul-svd-loss-int4 (krul-svd-loss with its payloads quantized; calibrated
+  as krul-svd-loss).
 """
 from __future__ import annotations
 
@@ -225,12 +230,18 @@ class RestorePolicy:
         lengths, predicted = self.split_lengths(engine, len(token_ids), adapter.n_layers, plan)
         pairs = plan.pairs if plan is not None else ()
         method = plan.method if plan is not None else "merge"
-        compress = dict(self.compress_params) if method != "share" else {}
+        compress = {k: v for k, v in self.compress_params.items() if k != "codec"} if method != "share" else {}
         meta = {"policy": self.name, "plan": plan.to_dict() if plan is not None else {},
                 "predicted": predicted}
-        return build_state(adapter.fingerprint(), torch.tensor(token_ids), layers_kv,
-                           lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
-                           meta=meta)
+        state = build_state(adapter.fingerprint(), torch.tensor(token_ids), layers_kv,
+                            lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
+                            meta=meta)
+        codec = self.compress_params.get("codec")
+        if codec:  # a storage codec: every payload quantized (items kept from `previous` already are)
+            from krul.quant import codec_fn
+
+            state = state.map_payloads(codec_fn(codec))
+        return state
 
     def dev_plan(self, plan):
         """The dev plan as a candidate for `plan`: the first `len(plan.pairs)` of `dev_pairs` that
@@ -359,6 +370,32 @@ POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
                   selector_params={"pairs": (), "method": "svd"}, compress_params=_SVD),
 ]}
 
+_INT8 = {"bits": 8, "group": 64}
+_INT4 = {"bits": 4, "group": 64}
+_KIVI = {"bits": 2, "group": 32}  # KIVI's group size; its full-precision residual window is a TODO (quant.py)
+_FLEXGEN = "FlexGen (Sheng et al., ICML'23) group-wise asymmetric quantization"
+POLICIES.update({p.name: p for p in [
+    RestorePolicy("int8", f"full-load with the stored KV quantized to int8: {_FLEXGEN}, K per channel and V "
+                  "per token as KIVI (Liu et al., 2024, arXiv 2402.02750), groups of 64", split="load",
+                  compress_params={"codec": _INT8}),
+    RestorePolicy("int4", f"full-load with the stored KV quantized to int4: {_FLEXGEN}, K per channel and V "
+                  "per token as KIVI (Liu et al., 2024, arXiv 2402.02750), groups of 64", split="load",
+                  compress_params={"codec": _INT4}),
+    RestorePolicy("kivi", "KIVI (Liu et al., 2024, arXiv 2402.02750): the stored KV in int2, K per channel "
+                  "and V per token, groups of 32, everything loaded (no full-precision residual window)",
+                  split="load", compress_params={"codec": _KIVI}),
+    POLICIES["krul-svd-loss"].with_params(
+        name="krul-svd-loss-int8", cite="krul-svd-loss with every stored payload quantized to int8 "
+        f"({_FLEXGEN}; K per channel, V per token as KIVI, Liu et al., 2024, arXiv 2402.02750): beyond the paper",
+        compress_params={**_SVD, "codec": _INT8}),
+    POLICIES["krul-svd-loss"].with_params(
+        name="krul-svd-loss-int4", cite="krul-svd-loss with every stored payload quantized to int4 "
+        f"({_FLEXGEN}; K per channel, V per token as KIVI, Liu et al., 2024, arXiv 2402.02750): beyond the paper",
+        compress_params={**_SVD, "codec": _INT4}),
+]})
+# policies calibrated by another policy's dev record (the same plan and split, only the storage codec differs)
+CALIBRATED_AS = {"krul-svd-loss-int8": "krul-svd-loss", "krul-svd-loss-int4": "krul-svd-loss"}
+
 # the calibration record's key holding each fixed-plan policy's pairs (`calibrate.calibrate`)
 FIXED_PLAN_KEYS = {"krul-fix": "krul_fix_pairs", "krul-fix-svd": "krul_fix_pairs",
                    "krul-fix-svd-loss": "krul_fix_loss_pairs", "kvsharer": "kvsharer_pairs"}
@@ -372,7 +409,7 @@ def calibrated(policy: RestorePolicy, model: str) -> RestorePolicy:
     the dev layer sensitivities that weight an svd-loss policy's pair scores."""
     from krul.records import load_calibration
 
-    cal = load_calibration(model, policy.name)
+    cal = load_calibration(model, CALIBRATED_AS.get(policy.name, policy.name))
     if cal is None or policy.selector is None:
         return policy
     n_pairs = int(cal.get("n_pairs", 0))

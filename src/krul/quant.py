@@ -100,6 +100,14 @@ def stored_names(inner: str) -> list[str]:
 
 
 # -- one tensor ---------------------------------------------------------------------------------
+def effective_group(length: int, bits: int, group: int) -> int:
+    """The group size a tensor whose group axis has `length` elements is quantized with: `group`, or
+    when the axis is shorter the axis length rounded up to whole bytes of codes (a short segment's
+    keys are not padded to a full group)."""
+    per = 8 // bits
+    return min(int(group), max(per, -(-int(length) // per) * per))
+
+
 def n_groups(length: int, group: int, lead: int = 0) -> int:
     return -(-(int(length) + int(lead)) // int(group))
 
@@ -112,8 +120,9 @@ def grouped_shapes(shape, axis: int, bits: int, group: int, lead: int = 0):
 
 
 def quantized_nbytes(shape, axis: int, bits: int, group: int, scale_bytes: int) -> int:
-    """Bytes of one tensor of `shape` quantized along `axis`: packed codes + a scale and a zero per group."""
-    codes, scales = grouped_shapes(shape, axis, bits, group)
+    """Bytes of one tensor of `shape` quantized along `axis` (`quantize`, groups of `effective_group`):
+    packed codes + a scale and a zero per group."""
+    codes, scales = grouped_shapes(shape, axis, bits, effective_group(shape[axis], bits, group))
     return math.prod(codes) + 2 * math.prod(scales) * int(scale_bytes)
 
 
@@ -150,13 +159,15 @@ def unpack(codes: Tensor, bits: int) -> Tensor:
 
 
 def quantize(x: Tensor, axis: int, bits: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(codes, scale, zero) of `x` grouped along `axis`: codes uint8 (..., n_groups, group * bits / 8)
-    (the other axes in order, `axis` removed), scale and zero (..., n_groups) in x's dtype.
+    """(codes, scale, zero) of `x` grouped along `axis`: codes uint8 (..., n_groups, g * bits / 8)
+    (the other axes in order, `axis` removed), scale and zero (..., n_groups) in x's dtype, with
+    g = `effective_group` (`group`, or less for a shorter axis; g = codes.shape[-1] * 8 / bits).
     Arithmetic in fp32 (fp64 stays fp64): quantizing is the offload's job, off the restore path."""
     check_codec(bits, group)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xt = x.detach().movedim(axis, -1).to(work)
     length = xt.shape[-1]
+    group = effective_group(length, bits, group)
     ng = n_groups(length, group)
     pad = ng * group - length
     lo = F.pad(xt, (0, pad), value=math.inf).unflatten(-1, (ng, group)).amin(-1)
@@ -189,6 +200,7 @@ class QuantizedPayload:
     inner_meta : the inner payload's `meta()`.
     shapes, leads : per floating tensor, its (cropped) shape and the leading elements of its first
         group that are dropped (0 unless cropped along its group axis).
+    groups : per floating tensor, its group size (`effective_group` at quantization: <= `group`).
     """
 
     inner: str
@@ -198,6 +210,7 @@ class QuantizedPayload:
     data: dict[str, Tensor] = field(repr=False)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     leads: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)
     method: str = METHOD
 
     def __post_init__(self) -> None:
@@ -208,12 +221,13 @@ class QuantizedPayload:
             raise CodecError(f"quantized {self.inner} payload is missing tensors {missing}")
         for n in float_names(self.inner):
             self.leads.setdefault(n, 0)
-            shape, axis, lead = self.shapes[n], GROUP_AXIS[self.inner][n], self.leads[n]
-            codes, scales = grouped_shapes(shape, axis, self.bits, self.group, lead)
+            self.groups.setdefault(n, self.group)
+            shape, axis, lead, group = self.shapes[n], GROUP_AXIS[self.inner][n], self.leads[n], self.groups[n]
+            codes, scales = grouped_shapes(shape, axis, self.bits, group, lead)
             d = self.data
             if (tuple(d[f"{n}.q"].shape) != codes or d[f"{n}.q"].dtype != torch.uint8
                     or tuple(d[f"{n}.scale"].shape) != scales or tuple(d[f"{n}.zero"].shape) != scales
-                    or not 0 <= lead < self.group):
+                    or not 0 <= lead < group or not 0 < group <= self.group or group % (8 // self.bits)):
                 raise CodecError(f"quantized tensor {n!r} of shape {shape}: codes {tuple(d[f'{n}.q'].shape)} "
                                  f"scales {tuple(d[f'{n}.scale'].shape)} lead {lead}; expected {codes}, {scales}")
 
@@ -296,7 +310,7 @@ class QuantizedPayload:
             shapes[name] = tuple(shape)
             if t_axis == g_axis:  # drop whole groups, remember the cut inside the first one
                 pos = leads[name] + start
-                drop, leads[name] = divmod(pos, self.group)
+                drop, leads[name] = divmod(pos, self.groups[name])
                 for s in _SUFFIXES:
                     t = data[f"{name}.{s}"]
                     data[f"{name}.{s}"] = take(t.narrow(t.dim() - (1 if s != "q" else 2), drop,
@@ -315,7 +329,8 @@ class QuantizedPayload:
                 shape = list(shapes[name])
                 shape[2] = int(keep.sum())
                 shapes[name] = tuple(shape)
-        return QuantizedPayload(self.inner, self.inner_meta, self.bits, self.group, data, shapes, leads)
+        return QuantizedPayload(self.inner, self.inner_meta, self.bits, self.group, data, shapes, leads,
+                                dict(self.groups))
 
     def crop_left(self, start: int) -> "QuantizedPayload":
         """Keep tokens [start:] only; the codes are kept (never re-quantized); fresh storage."""
@@ -324,14 +339,15 @@ class QuantizedPayload:
     def to(self, device, non_blocking: bool = False) -> "QuantizedPayload":
         data = {k: v.to(device, non_blocking=non_blocking) for k, v in self.data.items()}
         return QuantizedPayload(self.inner, self.inner_meta, self.bits, self.group, data, dict(self.shapes),
-                                dict(self.leads))
+                                dict(self.leads), dict(self.groups))
 
     def tensors(self) -> dict[str, Tensor]:
         return {n: self.data[n] for n in stored_names(self.inner)}
 
     def meta(self) -> dict:
         return {"inner": self.inner, "inner_meta": dict(self.inner_meta), "bits": self.bits, "group": self.group,
-                "tensors": {n: {"shape": [int(x) for x in self.shapes[n]], "lead": int(self.leads[n])}
+                "tensors": {n: {"shape": [int(x) for x in self.shapes[n]], "lead": int(self.leads[n]),
+                                "group": int(self.groups[n])}
                             for n in float_names(self.inner)}}
 
     @classmethod
@@ -341,7 +357,8 @@ class QuantizedPayload:
         return cls(inner, dict(meta.get("inner_meta", {})), int(meta["bits"]), int(meta["group"]),
                    {n: tensors[n] for n in stored_names(inner)},
                    {n: tuple(int(x) for x in info[n]["shape"]) for n in float_names(inner)},
-                   {n: int(info[n].get("lead", 0)) for n in float_names(inner)})
+                   {n: int(info[n].get("lead", 0)) for n in float_names(inner)},
+                   {n: int(info[n].get("group", meta["group"])) for n in float_names(inner)})
 
 
 def quantize_payload(payload, bits: int, group: int) -> QuantizedPayload:
@@ -352,15 +369,15 @@ def quantize_payload(payload, bits: int, group: int) -> QuantizedPayload:
     check_codec(bits, group)
     inner = payload.method
     named = payload.tensors()
-    data, shapes = {}, {}
+    data, shapes, groups = {}, {}, {}
     for name in float_names(inner):
-        t = named[name]
+        t, axis = named[name], GROUP_AXIS[inner][name]
         shapes[name] = tuple(t.shape)
-        data[f"{name}.q"], data[f"{name}.scale"], data[f"{name}.zero"] = quantize(
-            t, GROUP_AXIS[inner][name], bits, group)
+        groups[name] = effective_group(t.shape[axis], bits, group)
+        data[f"{name}.q"], data[f"{name}.scale"], data[f"{name}.zero"] = quantize(t, axis, bits, group)
     for name in int_names(inner):
         data[name] = named[name]
-    return QuantizedPayload(inner, payload.meta(), bits, group, data, shapes)
+    return QuantizedPayload(inner, payload.meta(), bits, group, data, shapes, groups=groups)
 
 
 def codec_fn(codec: dict | None):
@@ -389,11 +406,12 @@ def check_header(meta: dict, entries: dict) -> str | None:
             e = info[name]
             if not isinstance(e, dict) or not isinstance(e.get("shape"), list):
                 return f"tensor {name!r}: needs a shape"
-            shape, lead = e["shape"], e.get("lead", 0)
+            shape, lead, g = e["shape"], e.get("lead", 0), e.get("group", group)
             if (len(shape) <= axis or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape)
-                    or not isinstance(lead, int) or isinstance(lead, bool) or not 0 <= lead < group):
-                return f"tensor {name!r}: bad shape {shape!r} or lead {lead!r}"
-            codes, scales = grouped_shapes(shape, axis, bits, group, lead)
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in (lead, g))
+                    or not 0 < g <= group or g % (8 // bits) or not 0 <= lead < g):
+                return f"tensor {name!r}: bad shape {shape!r}, lead {lead!r} or group {g!r}"
+            codes, scales = grouped_shapes(shape, axis, bits, g, lead)
             q, s, z = (entries[f"{name}.{x}"] for x in _SUFFIXES)
             if q["dtype"] != "uint8" or tuple(q["shape"]) != codes:
                 return f"tensor {name!r}: codes {q['dtype']} {q['shape']}, expected uint8 {list(codes)}"

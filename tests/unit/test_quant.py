@@ -47,9 +47,11 @@ def test_round_trip_error_within_half_a_step(bits, group, axis):
     y = dequantize(codes, scale, zero, x.shape, axis, bits)
     assert y.shape == x.shape and y.dtype == x.dtype
     n = x.shape[axis]
-    half = (scale / 2).repeat_interleave(group, dim=-1)[..., :n].movedim(-1, axis)
+    g = quant.effective_group(n, bits, group)  # a shorter axis is one group of its own length
+    assert g == min(group, -(-n // (8 // bits)) * (8 // bits))
+    half = (scale / 2).repeat_interleave(g, dim=-1)[..., :n].movedim(-1, axis)
     assert ((x - y).abs() <= half * (1 + 1e-5) + 1e-6).all()
-    assert codes.dtype == torch.uint8 and codes.shape[-1] == group * bits // 8
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == g * bits // 8
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -69,7 +71,7 @@ def test_constant_groups_and_empty_tensors():
     assert torch.equal(dequantize(*quantize(x, 1, 4, 32), x.shape, 1, 4), x)
     e = torch.zeros(2, 0)
     c, s, z = quantize(e, 1, 2, 32)
-    assert c.shape == (2, 0, 8) and dequantize(c, s, z, e.shape, 1, 2).shape == (2, 0)
+    assert c.shape == (2, 0, 1) and dequantize(c, s, z, e.shape, 1, 2).shape == (2, 0)
 
 
 def test_bad_codecs_are_refused():
@@ -292,3 +294,85 @@ def test_restore_of_a_quantized_state_equals_the_dequantized_reference(tiny, tmp
             assert torch.equal(k[:, :, begin:], expected[layer][0]) and torch.equal(v[:, :, begin:], expected[layer][1])
             if begin:
                 assert float((k[:, :, :begin] - ref[layer][0][:, :, :begin]).abs().max()) < 1e-5
+
+
+# -- policies ---------------------------------------------------------------------------------
+NEW_POLICIES = {"int8": 8, "int4": 4, "kivi": 2, "krul-svd-loss-int8": 8, "krul-svd-loss-int4": 4}
+
+
+def test_codec_policies_are_registered_and_the_others_have_no_codec():
+    """The codec policies carry their bits and a paper; every other policy stores as before (no codec)."""
+    from krul.policies import POLICIES
+
+    for name, bits in NEW_POLICIES.items():
+        p = POLICIES[name]
+        assert p.compress_params["codec"]["bits"] == bits and "et al" in p.cite
+    assert POLICIES["kivi"].compress_params["codec"]["group"] == 32 and "2402.02750" in POLICIES["kivi"].cite
+    base = POLICIES["krul-svd-loss"]
+    for name in ("krul-svd-loss-int8", "krul-svd-loss-int4"):
+        assert POLICIES[name].with_params(name=base.name, cite=base.cite, compress_params=base.compress_params) == base
+    assert not any("codec" in p.compress_params for n, p in POLICIES.items() if n not in NEW_POLICIES)
+    assert "h2o" not in POLICIES
+
+
+class _Engine:
+    """What RestorePolicy.build reads of an engine (split 'load' / 'fixed': only the adapter)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.rates = None
+
+
+@pytest.mark.parametrize("name", list(NEW_POLICIES))
+def test_codec_policies_build_quantized_states_that_restore(tiny, name):
+    """Each codec policy builds a state whose every payload is quantized at its bits, priced exactly by
+    PlanPricing, restored like its dequantized reference; a second turn keeps the first turn's codes."""
+    from krul.policies import POLICIES
+    from krul.restore import BufferCache, load_layers, restore_into
+    from krul.selector import CompressionPlan
+
+    adapter, ids, ref = tiny
+    policy, plan = POLICIES[name], None
+    if policy.selector is not None:
+        policy = policy.with_params(split="fixed", recompute_ratio=0.25)
+        plan = CompressionPlan(((1, 3),), (), "svd", 4)
+    engine = _Engine(adapter)
+    tokens = ids[0].tolist()
+    first = policy.build(engine, tokens[:30], ref, None, plan)
+    state = policy.build(engine, tokens, ref, first, plan)
+    assert all(it.payload.method == "quant" and it.payload.bits == NEW_POLICIES[name] for it in state.items)
+    kept = [it for it in state.items if it.end <= 30]
+    assert kept
+    for k in kept:  # the first turn's codes, cropped, never re-quantized
+        f = next(f for f in first.items if f.layers == k.layers and f.end == k.end)
+        want = f.payload.crop_left(k.start - f.start).tensors()
+        assert all(torch.equal(t, want[n]) for n, t in k.payload.tensors().items())
+    params = policy.compress_params
+    single = policy.build(engine, tokens, ref, None, plan)
+    pricing = PlanPricing.for_adapter(adapter, 40, plan, params)
+    assert pricing.codec == params["codec"]
+    assert pricing.total_bytes(single.recompute_lengths) == single.kv_bytes()
+    expected = load_layers(state.map_payloads(_reference), torch.device("cpu"))
+    cache = BufferCache.for_adapter(adapter, 40).fill_(float("nan"))
+    restore_into(adapter, state, cache)
+    for layer, (k, v) in enumerate(cache.kv()):
+        begin = state.recompute_lengths[layer]
+        assert torch.equal(k[:, :, begin:], expected[layer][0]) and torch.equal(v[:, :, begin:], expected[layer][1])
+    assert storage_ratio(single) > {8: 1.5, 4: 2.5, 2: 3.5}[NEW_POLICIES[name]]
+
+
+def test_quantized_svd_loss_policies_read_the_svd_loss_record(tmp_path, monkeypatch):
+    """krul-svd-loss-int8/-int4 are calibrated by krul-svd-loss's dev record."""
+    import json
+
+    from krul import paths
+    from krul.policies import get_policy
+
+    (tmp_path / "calibration").mkdir()
+    rec = {"split": "dev", "tau": 0.0, "target_ratio": 1.25, "n_pairs": 2, "layer_sensitivity": [0.5] * 6}
+    (tmp_path / "calibration" / "m.svd-loss.json").write_text(json.dumps(rec))
+    monkeypatch.setattr(paths, "experiments_dir", lambda: tmp_path)
+    for name in ("krul-svd-loss-int8", "krul-svd-loss-int4"):
+        p = get_policy(name, model="m")
+        assert p.layer_weights == (0.5,) * 6 and p.selector_params["target_ratio"] == 1.25
+        assert "codec" in p.compress_params
