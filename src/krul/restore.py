@@ -340,7 +340,9 @@ def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
 
     Layer l of the item loads tokens [max(start, L_l), end) (the rest is recomputed), written straight
     into the buffer views `buf[:, :, begin:end]`: compressed pairs are reconstructed there by
-    `compression.place_pair` (KV-dtype ops with `out=`, no full-size temporaries), exact layers copied.
+    `compression.place_pair` (KV-dtype ops with `out=`, no full-size temporaries), exact layers copied;
+    quantized payloads (`quant.QuantizedPayload`, method "quant") dequantize in the KV dtype in their
+    own `place` and then place as their inner payload.
     """
     payload = payload_from_tensors(job.method, tensors, job.extra)
     item = job.item
@@ -350,7 +352,7 @@ def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
         skips.append(begin - item.start)  # leading segment tokens recomputed, not loaded
         k_buf, v_buf = cache.buffers(layer_idx)
         outs.append((k_buf[:, :, begin:item.end], v_buf[:, :, begin:item.end]) if begin < item.end else None)
-    if job.method != "exact":
+    if job.method != "exact":  # compressed pairs and quantized payloads of any inner method
         payload.place(outs, skips)
         return
     for out, skip, kv in zip(outs, skips, payload.expand()):
