@@ -7,23 +7,60 @@ teacher-forced by default: after the model's own answer is generated (and report
 assistant reply is prefilled over the history, which also gives its likelihood (`reply_nll`), and
 that history is offloaded. With `history="model"` the generated answer becomes the history.
 
+A stored state that cannot be restored (missing, damaged, of another model: any `StoreError` from
+the store or the restore) never costs the conversation: the engine deletes it, recomputes the history
+from the turn's messages (a first turn's full prefill), produces the turn normally, counts it in
+`engine.fallbacks`, names the error in the turn's `fallback` field, and warns once per conversation.
+
+Timing: a turn's `restore_s` (and `ttft_s`) covers everything between the store and a history in the
+cache: for the disk tier, opening the state file (checksummed header, token ids) and streaming and
+verifying its body (`restore.DiskSource`, as the bench does), not a `get` done before the clock.
+
 The engine knows nothing about file paths, plotting or where conversations come from.
 """
 from __future__ import annotations
 
+import logging
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from krul.adapter import BufferCache, ModelAdapter
 from krul.policies import RestorePolicy, get_policy
-from krul.restore import restore_cache
-from krul.store import KVStore, StoreError
+from krul.restore import DiskSource, OpenedFile, restore_cache, restore_into
+from krul.store import DiskStore, KVStore, MissingStateError, StoreError
+
+log = logging.getLogger("krul.engine")
+
+
+class StateFallbackWarning(UserWarning):
+    """A conversation's stored state could not be restored; its history was recomputed instead."""
 
 
 class EngineError(ValueError):
     """Bad input to the engine (empty message, too long, wrong roles): the message says what to do."""
+
+
+MAX_ID_CHARS = 128
+_ID_RE = re.compile(r"[A-Za-z0-9_.@#-]+")
+
+
+def check_conversation_id(conversation_id) -> str:
+    """The id itself if it is a usable conversation id (a store key and a file name part): 1 to 128
+    of the characters A-Z a-z 0-9 _ . @ # - and not only dots; otherwise an `EngineError`."""
+    if not isinstance(conversation_id, str):
+        raise EngineError(f"conversation id {conversation_id!r} is not a string")
+    shown = repr(conversation_id if len(conversation_id) <= 40 else conversation_id[:40] + "...")
+    if not conversation_id or len(conversation_id) > MAX_ID_CHARS:
+        raise EngineError(f"conversation id {shown} has {len(conversation_id)} characters; use 1 to "
+                          f"{MAX_ID_CHARS}")
+    if not _ID_RE.fullmatch(conversation_id) or set(conversation_id) == {"."}:
+        raise EngineError(f"conversation id {shown} has characters other than letters, digits and "
+                          "_ . @ # - (no spaces, path separators or control characters), or only dots")
+    return conversation_id
 
 
 @dataclass
@@ -53,6 +90,7 @@ class TurnResult:
     restore_report: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)  # the plan of the state restored for this turn
     conversation_key: str = ""  # `Conversation.content_key`: id + digest of the messages (cache keys)
+    fallback: str = ""  # the store error whose state this turn recomputed instead of restoring ("" if none)
 
     def to_json(self, full: bool = False) -> dict:
         row = dict(self.__dict__)
@@ -60,6 +98,17 @@ class TurnResult:
             for key in ("generated_ids", "reply_token_nll", "restore_report"):
                 row.pop(key)
         return row
+
+
+class _OpenedSource(DiskSource):
+    """A state file already opened (inside the engine's timed region): `restore_into` streams its body."""
+
+    def __init__(self, opened: OpenedFile):
+        super().__init__(opened.path)
+        self.opened = opened
+
+    def open(self) -> OpenedFile:
+        return self.opened
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -107,6 +156,11 @@ class Engine:
         # recorded by the same pass (`compression.svd_pair_losses`; for pair_score="svd-loss")
         self.recorded_pair_losses: dict | None = None
         self._turn_idx = 0
+        # states that could not be restored (the turn recomputed the history instead): the count, one
+        # record per fallback (conversation, turn, error), and the conversations already warned about
+        self.fallbacks = 0
+        self.fallback_log: list[dict] = []
+        self._warned: set[str] = set()
         tok = adapter.tokenizer
         eos = {tok.eos_token_id}
         gen_eos = getattr(adapter.model.generation_config, "eos_token_id", None)
@@ -159,6 +213,7 @@ class Engine:
     def turn(self, conversation_id: str, turn_idx: int, messages_before: list[dict], user: dict,
              reply: str | None = None) -> TurnResult:
         """Run one user turn; `reply` is the real assistant reply (teacher-forced history)."""
+        check_conversation_id(conversation_id)
         if not str(user.get("content", "")).strip():
             raise EngineError(f"conversation {conversation_id!r} turn {turn_idx}: empty user message")
         adapter, device = self.adapter, self.adapter.device
@@ -166,22 +221,21 @@ class Engine:
         ctx_ids = self.render(messages_before + [user], add_generation_prompt=True)
         self._check_length(conversation_id, len(ctx_ids))
 
-        # 1. restore the history
-        state = self.store.get(conversation_id) if conversation_id in self.store else None
-        if turn_idx > 0 and state is None and messages_before:
-            raise StoreError(f"conversation {conversation_id!r}: no stored state for turn {turn_idx} "
-                             f"in the {self.store.tier} tier; replay it from its first turn")
+        # 1. restore the history (a state that cannot be restored: recompute it, as a first turn does)
+        expect_state = turn_idx > 0 and bool(messages_before)
         # the history this turn will keep, when it is known now (teacher-forced): sizes the cache
         teacher = self.history == "teacher" and reply is not None
         end_ids = (self.render(messages_before + [user, {"role": "assistant", "content": reply}],
                                add_generation_prompt=False) if teacher else None)
         capacity = max(len(ctx_ids) + self.max_new_tokens, len(end_ids) if end_ids else 0)
+        fallback = ""
         t_start = time.perf_counter()
-        report = None
+        try:
+            state, cache, report = self._restore(conversation_id, turn_idx, capacity, expect_state)
+        except StoreError as exc:
+            fallback = self._fall_back(conversation_id, turn_idx, exc)
+            state, cache, report = None, None, None
         if state is not None:
-            # the same restore the bench times: into buffers the new input and decode write in place
-            cache, report = restore_cache(adapter, state, extra_tokens=max(0, capacity - state.n_tokens),
-                                          grow=True)
             hist = state.token_ids.tolist()
             keep = min(_common_prefix(hist, ctx_ids), len(ctx_ids) - 1)
             if keep < len(hist):  # re-tokenisation changed the boundary: drop the tail, exact anyway
@@ -229,8 +283,15 @@ class Engine:
                 token_nll = (-logp.gather(1, tail[0, :, None].to(logp.device))[:, 0]).tolist()
                 nll_sum = float(sum(token_nll))
 
-        # 5. compress and offload
+        # 5. compress and offload (onto the previous state's stored items: read whole now for a disk
+        # state, which was streamed into the cache above; outside the timed region)
         full_kv_bytes = len(ctx_ids[:keep]) * adapter.n_layers * adapter.layer_kv_bytes_per_token()
+        if state is not None and isinstance(self.store, DiskStore):
+            try:
+                state = self.store.get(conversation_id)
+            except StoreError as exc:  # changed on the disk since the restore: store the live history anew
+                fallback = self._fall_back(conversation_id, turn_idx, exc, before_turn=False)
+                state = None
         offloaded = self.policy.offload(self, conversation_id, end_ids, cache, state)
         del cache
 
@@ -251,10 +312,69 @@ class Engine:
             offloaded_bytes=offloaded, generated_text=text, generated_ids=generated,
             reply_tokens=len(token_nll), reply_nll_sum=nll_sum, reply_token_nll=token_nll,
             recompute_ratio=rec_ratio, loaded_full_bytes=loaded_full, loaded_stored_bytes=loaded_stored,
-            restore_report=report.to_dict() if report is not None else {}, plan=restored_plan)
+            restore_report=report.to_dict() if report is not None else {}, plan=restored_plan,
+            fallback=fallback)
 
-    def replay(self, conversation, max_turns: int | None = None):
-        """Yield a `TurnResult` per user turn of a `data.Conversation` (its state is dropped after)."""
+    def _restore(self, conversation_id: str, turn_idx: int, capacity: int, expect_state: bool):
+        """(state, cache, report) of the conversation's stored history, or (None, None, None) when
+        nothing is stored and nothing is expected. Called inside the turn's timed region: for the disk
+        tier the state file is opened (checksummed header and token ids) and its body streamed and
+        verified into the cache here (`DiskSource`), so `restore_s` includes reading the file.
+        Raises `StoreError` (missing when expected, damaged, another model's): the caller recomputes."""
+        adapter, store = self.adapter, self.store
+        if isinstance(store, DiskStore):
+            path = store.path(conversation_id)
+            if not expect_state and not path.exists():
+                return None, None, None
+            t0 = time.perf_counter()
+            opened = DiskSource(path).open()  # MissingStateError / CorruptStateError
+            open_s = time.perf_counter() - t0
+            state = opened.state  # payloads still on the disk (`FilePayload`s)
+            cache = BufferCache.for_adapter(adapter, max(capacity, state.n_tokens), grow=True)
+            if adapter.device.type == "cuda":
+                torch.cuda.synchronize(adapter.device)
+            report = restore_into(adapter, _OpenedSource(opened), cache)
+            report.fetch_s += open_s
+            return state, cache, report
+        if conversation_id not in store:
+            if expect_state:
+                raise MissingStateError(f"conversation {conversation_id!r}: no stored state for turn "
+                                        f"{turn_idx} in the {store.tier} tier")
+            return None, None, None
+        state = store.get(conversation_id)
+        # the same restore the bench times: into buffers the new input and decode write in place
+        cache, report = restore_cache(adapter, state, extra_tokens=max(0, capacity - state.n_tokens), grow=True)
+        return state, cache, report
+
+    def _fall_back(self, conversation_id: str, turn_idx: int, exc: StoreError,
+                   before_turn: bool = True) -> str:
+        """Record a state that could not be restored, delete it, warn once per conversation; the turn
+        then recomputes the history from its messages. Returns the error's one-line description."""
+        what = f"{type(exc).__name__}: {exc}"
+        self.fallbacks += 1
+        self.fallback_log.append({"conversation_id": conversation_id, "turn_idx": turn_idx, "error": what})
+        try:
+            self.store.delete(conversation_id)
+        except (OSError, StoreError) as err:
+            log.warning("could not delete the state of conversation %r: %s", conversation_id, err)
+        if before_turn and self.estimator is not None:  # its sums restart with the recomputed history
+            self.estimator.reset(conversation_id)
+        if conversation_id not in self._warned:
+            self._warned.add(conversation_id)
+            warnings.warn(f"krul: conversation {conversation_id!r} turn {turn_idx}: its stored state could "
+                          f"not be restored ({what}); deleted it and recomputed the history from the "
+                          "messages (the turn is exact; only its time is a full recompute's)",
+                          StateFallbackWarning, stacklevel=3)
+        return what
+
+    def replay(self, conversation, max_turns: int | None = None, keep_state: bool | None = None):
+        """Yield a `TurnResult` per user turn of a `data.Conversation`, from its first turn (a state
+        stored earlier under its id is dropped first). The last turn's state is dropped after, unless
+        `keep_state` (default: kept when the store persists, a `DiskStore` on a given folder, so that
+        another engine or process can continue the conversation)."""
+        if keep_state is None:
+            keep_state = isinstance(self.store, DiskStore) and not getattr(self.store, "ephemeral", True)
+        check_conversation_id(conversation.id)
         messages = conversation.messages
         user_idx = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if max_turns is not None:
@@ -273,4 +393,5 @@ class Engine:
                 content = reply if (self.history == "teacher" and reply is not None) else result.generated_text
                 history = history + [messages[i], {"role": "assistant", "content": content}]
         finally:  # the estimator's stats stay readable until the next replay of this id
-            self.store.delete(conversation.id)
+            if not keep_state:
+                self.store.delete(conversation.id)
