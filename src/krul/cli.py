@@ -1,7 +1,11 @@
 """`krul` command line: models, data, replay, chat, evaluate, bench.
 
-Thin: parses arguments, builds the engine from the library, prints rows. Errors from the library
-(unknown model, bad data, corrupted state) are printed as one line and exit with status 2.
+Thin: parses arguments, builds the engine from the library, prints rows. Bad options (tier, policy,
+device, counts, conversation ids, --store) are refused before the model loads; errors from the library
+(unknown model, bad data, a state that cannot be written) are printed as one line and exit with
+status 2. A state that cannot be restored is recomputed by the engine (a warning, not an error).
+`--store DIR` keeps the disk tier's states in DIR across processes; `krul chat --store DIR
+--conversation ID` also keeps the conversation's messages there and resumes it in a later process.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # the engine the commands share is built in `factory` (below evaluation, which builds it too); re-exported
-from krul.factory import _device, build_engine  # noqa: E402,F401
+from krul.factory import ConfigError, _device, build_engine, check_engine_args  # noqa: E402,F401
 
 
 def cmd_models(args) -> int:
@@ -62,6 +66,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _check_ids(args) -> None:
+    from krul.engine import check_conversation_id
+
+    for cid in args.ids or ():
+        check_conversation_id(cid)
+
+
 def _conversations(args):
     from krul import data
 
@@ -73,6 +84,8 @@ REPLAY_COLS = ["conversation_id", "turn_idx", "history_tokens", "new_input_token
 
 
 def cmd_replay(args) -> int:
+    check_engine_args(args)
+    _check_ids(args)
     engine = build_engine(args)
     conversations = _conversations(args)
     if not args.json:
@@ -96,12 +109,47 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def _transcript_path(engine, conv_id: str):
+    """Where `krul chat --store DIR` keeps a conversation's messages (next to its state file)."""
+    return engine.store.path(conv_id).with_suffix(".chat.json")
+
+
+def _load_transcript(path) -> list[dict]:
+    try:
+        messages = json.loads(path.read_text())
+        if not (isinstance(messages, list) and len(messages) % 2 == 0 and all(
+                isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str)
+                for m, role in zip(messages, ["user", "assistant"] * (len(messages) // 2)))):
+            raise ValueError("not alternating user/assistant messages")
+        return messages
+    except (OSError, ValueError) as exc:
+        print(f"krul: could not read the saved conversation {path} ({exc}); starting it afresh",
+              file=sys.stderr)
+        return []
+
+
+def _save_transcript(path, messages: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(messages))
+    os.replace(tmp, path)
+
+
 def cmd_chat(args) -> int:
+    from krul.engine import EngineError, check_conversation_id
+
+    conv_id = check_conversation_id(args.conversation)
     engine = build_engine(args)
     history: list[dict] = []
-    conv_id, turn_idx = "chat", 0
-    print(f"krul chat: {args.model}, policy {engine.policy.name}, tier {engine.store.tier}. "
-          "Empty line or Ctrl-D quits.")
+    persist = args.store is not None
+    transcript = _transcript_path(engine, conv_id) if persist else None
+    if persist and transcript.exists():
+        history = _load_transcript(transcript)
+    if not history:
+        engine.store.delete(conv_id)  # no messages to continue: an old state under the id is stale
+    turn_idx = len(history) // 2
+    print(f"krul chat: {args.model}, policy {engine.policy.name}, tier {engine.store.tier}"
+          + (f", conversation {conv_id!r} in {args.store}" if persist else "")
+          + (f" (resumed after {turn_idx} turns)" if turn_idx else "") + ". Empty line or Ctrl-D quits.")
     while True:
         try:
             text = input("you> ")
@@ -110,19 +158,29 @@ def cmd_chat(args) -> int:
         if not text.strip():
             break
         user = {"role": "user", "content": text}
-        result = engine.turn(conv_id, turn_idx, history, user, reply=None)
+        try:
+            result = engine.turn(conv_id, turn_idx, history, user, reply=None)
+        except EngineError as exc:  # e.g. longer than the model's context: drop the message, go on
+            print(f"krul: {exc}; message dropped, the conversation continues", file=sys.stderr)
+            continue
         print(f"model> {result.generated_text}")
         print(f"   [ttft {result.ttft_s * 1e3:.0f} ms, restore {result.restore_s * 1e3:.0f} ms, "
-              f"history {result.history_tokens} tokens, stored {result.stored_bytes / 1e6:.2f} MB]")
+              f"history {result.history_tokens} tokens, stored {result.stored_bytes / 1e6:.2f} MB"
+              + (", recomputed: the stored state could not be restored" if result.fallback else "") + "]")
         history += [user, {"role": "assistant", "content": result.generated_text}]
         turn_idx += 1
-    engine.store.delete(conv_id)
+        if persist:
+            _save_transcript(transcript, history)
+    if not persist:
+        engine.store.delete(conv_id)
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from krul.evaluation import evaluate
 
+    check_engine_args(args)
+    _check_ids(args)
     summary = evaluate(args)
     print(json.dumps(summary, default=float))
     return 0
@@ -143,7 +201,10 @@ def _engine_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
         p.add_argument("--recompute-ratio", type=float, default=None,
                        help="fix the recompute split instead of the policy's (0 = load everything)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--tier", default="pageable", help="pageable | pinned | disk")
+    p.add_argument("--tier", default=None, help="pageable | pinned | disk (default: pageable, or disk "
+                   "with --store)")
+    p.add_argument("--store", metavar="DIR", default=None,
+                   help="keep the disk tier's states in DIR, across processes (implies --tier disk)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy")
     p.add_argument("--seed", type=int, default=0)
@@ -174,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
     _data_args(r)
     c = sub.add_parser("chat", help="interactive multi-turn chat on the engine")
     _engine_args(c)
+    c.add_argument("--conversation", default="chat", metavar="ID",
+                   help="the conversation's id (1-128 of A-Z a-z 0-9 _ . @ # -); with --store, a later "
+                   "`krul chat` with the same id continues it")
     e = sub.add_parser("evaluate", help="quality and storage of a policy (one JSON summary)")
     _engine_args(e)
     _data_args(e)
@@ -190,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"unrecognized arguments: {' '.join(rest)}")
     from krul.data import DataError
     from krul.engine import EngineError
+    from krul.factory import ConfigError
     from krul.models import ModelError
     from krul.policies import PolicyError
     from krul.store import StoreError
@@ -199,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args, rest)
         return {"models": cmd_models, "data": cmd_data, "replay": cmd_replay, "chat": cmd_chat,
                 "evaluate": cmd_evaluate}[args.command](args)
-    except (DataError, EngineError, ModelError, PolicyError, StoreError) as exc:
+    except (ConfigError, DataError, EngineError, ModelError, PolicyError, StoreError) as exc:
         print(f"krul: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
