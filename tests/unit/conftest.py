@@ -4,6 +4,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run single-threaded (shared CI cores spin otherwise); use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_chat_tokenizer():
     """A byte-level tokenizer (one token per byte, no merges) with ChatML specials and template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -19,12 +19,7 @@ TURNS = [("Hello there, who are you?", "I am a small model."),
          ("Thanks!", "You are welcome.")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(engine, conv_id, damage=None, turns=TURNS):

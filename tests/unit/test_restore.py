@@ -11,13 +11,7 @@ from krul.store import DiskStore, MemoryStore, StoreError, build_state
 N = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run single-threaded (shared CI cores spin otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _adapter(kind="llama", layers=4, seed=0):
