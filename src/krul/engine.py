@@ -293,6 +293,8 @@ class Engine:
                 fallback = self._fall_back(conversation_id, turn_idx, exc, before_turn=False)
                 state = None
         offloaded = self.policy.offload(self, conversation_id, end_ids, cache, state)
+        if offloaded and hasattr(self.store, "keep_active"):  # store.TieredStore: the live cache may stay
+            self.store.keep_active(conversation_id, cache)  # where the model runs (its active tier)
         del cache
 
         restored_plan = dict(state.meta.get("plan", {})) if state is not None else {}
@@ -322,6 +324,10 @@ class Engine:
         verified into the cache here (`DiskSource`), so `restore_s` includes reading the file.
         Raises `StoreError` (missing when expected, damaged, another model's): the caller recomputes."""
         adapter, store = self.adapter, self.store
+        kept = store.take_active(conversation_id) if hasattr(store, "take_active") else None
+        if kept is not None:  # store.TieredStore's active tier kept the live cache: nothing to restore
+            state, cache = kept
+            return state, cache, None
         if isinstance(store, DiskStore):
             path = store.path(conversation_id)
             if not expect_state and not path.exists():

@@ -10,8 +10,12 @@ moves); an item already stored is never re-compressed.
 Tiers: `pageable` (ordinary CPU memory), `pinned` (page-locked, CUDA only) and `disk` (one file per
 conversation, format 2: header and body sha256-checked, the header schema-validated; written to a
 unique temp file under a per-key lock, fsynced, renamed and the folder fsynced; read from the disk
-with the page cache dropped; a given root persists across processes). Every state carries the
-fingerprint of the model that produced it; restoring into another model is an error. The store knows nothing about which layers to compress or why.
+with the page cache dropped; a given root persists across processes). `TieredStore` stacks them
+under byte budgets, with an `active` tier above (the live cache kept where the model runs): LRU
+eviction with a TTL, pinning against eviction, demotion down the tiers and deletion past the last
+(the engine then recomputes), and a full tier (ENOSPC, a file-size limit) skipped with a warning.
+Every state carries the fingerprint of the model that produced it; restoring into another model is an
+error. The store knows nothing about which layers to compress or why.
 """
 from __future__ import annotations
 
@@ -779,3 +783,365 @@ def build_state(fingerprint: dict, token_ids: torch.Tensor, layers_kv: Sequence[
                         meta or {})
     state.check_coverage()
     return state
+
+
+# -- budgets and tiers -------------------------------------------------------------------------
+# The tier order of a `TieredStore`: "active" (the live cache kept where the model runs: restoring
+# from it costs nothing), then the stores above, fastest first. A state evicted from a tier moves to
+# the next one (demotion); evicted from the last, it is deleted and the conversation is recomputed.
+TIER_ORDER = ("active", "pinned", "pageable", "disk")
+
+
+class StoreSpaceWarning(UserWarning):
+    """A tier could not take a state (its budget, a full disk, a file-size limit): the state went to
+    the next tier, or was dropped (the conversation is then recomputed, exact)."""
+
+
+@dataclass
+class TierSpec:
+    """One tier of a `TieredStore`: its name (`TIER_ORDER`), byte budget and time to live.
+
+    budget_bytes : the most bytes the tier holds (None: unbounded; 0: the tier is off). Memory tiers
+        count `StoredState.nbytes()` (every stored tensor plus the token ids, `kv_bytes()` + 4 per
+        token); the disk tier counts the files' sizes; the active tier the live caches' buffers
+        (`BufferCache.nbytes()`, capacity included).
+    ttl_s : a state unused for longer than this is evicted (demoted) at the store's next operation
+        (None: no TTL).
+    """
+
+    name: str
+    budget_bytes: int | None = None
+    ttl_s: float | None = None
+
+    def __post_init__(self):
+        if self.name not in TIER_ORDER:
+            raise StoreError(f"unknown tier {self.name!r}; known: {', '.join(TIER_ORDER)}")
+        if self.budget_bytes is not None and self.budget_bytes < 0:
+            raise StoreError(f"tier {self.name!r}: budget_bytes must be >= 0 or None, not {self.budget_bytes}")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise StoreError(f"tier {self.name!r}: ttl_s must be > 0 or None, not {self.ttl_s}")
+
+
+def parse_budgets(text: str) -> dict[str, int | None]:
+    """`"active=0,pageable=64MiB,disk=1GiB"` -> {tier: bytes}; `none` is unbounded. Units: B, KiB,
+    MiB, GiB (or k, M, G: powers of 1024)."""
+    units = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+             "g": 1 << 30, "gib": 1 << 30}
+    out: dict[str, int | None] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        name, value = name.strip(), value.strip().lower()
+        if name not in TIER_ORDER or not value:
+            raise StoreError(f"bad budget {part!r}; write TIER=BYTES with TIER one of {', '.join(TIER_ORDER)}, "
+                             "e.g. pageable=64MiB,disk=1GiB (none: unbounded)")
+        if value == "none":
+            out[name] = None
+            continue
+        m = re.fullmatch(r"([0-9.]+)\s*([a-z]*)", value)
+        if m is None or m.group(2) not in units:
+            raise StoreError(f"bad budget {part!r}; units: B, KiB, MiB, GiB")
+        out[name] = int(float(m.group(1)) * units[m.group(2)])
+    return out
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    last_used: float
+
+
+class TieredStore(KVStore):
+    """Conversation states across tiers with byte budgets, LRU eviction, a TTL, pinning and demotion.
+
+    `put` places a state in the first storage tier (pinned, pageable, disk: those configured, in
+    `TIER_ORDER`) whose budget can hold it, evicting that tier's least recently used states to make
+    room; an evicted state is demoted: put into the next tier by the same rule (so evictions cascade
+    down), and evicted from the last tier it is deleted (`deletions`): that conversation's next turn
+    finds no state and the engine recomputes its history from the messages (exact, only slower). A
+    state unused for longer than its tier's `ttl_s` is evicted the same way. A pinned conversation
+    (`pin`, against eviction; not to be confused with the page-locked "pinned" tier) is never
+    evicted: a state that cannot fit around pinned ones goes to the next tier.
+
+    A tier that fails to take a state (a full disk: ENOSPC, a file-size limit, any `StoreError` of
+    its `put`) is skipped with a `StoreSpaceWarning` (once per tier and error kind): the state goes to
+    the next tier, or nowhere (then it is dropped, `dropped`, and the conversation is recomputed).
+    Never a crash, never wrong KV: every tier below is exact storage of what the policy built.
+
+    The active tier is write-through: `keep_active(key, cache)` keeps the turn's live cache (exact,
+    on the model's device) beside the state the policy stored, and `take_active(key)` hands it back
+    to the next turn (a restore that costs nothing). Evicting an active cache just drops it (the
+    state is below). Its budget counts the caches' buffers.
+
+    `get` counts a hit on the tier it reads from (`hits`); `stats()` reports bytes, counts, hits,
+    evictions, demotions, deletions, drops and full-tier errors per tier. One lock makes the store
+    safe to share between threads (the trace's workers); the disk tier is a `DiskStore` (format 2,
+    durable, and locked across processes per key).
+
+    Parameters
+    ----------
+    tiers : the tiers, each a `TierSpec` (or a name: unbounded); order is always `TIER_ORDER`.
+    root : the disk tier's folder (kept across processes), or None for a temporary one.
+    clock : seconds, monotonic (tests pass a fake one to drive the TTL).
+    """
+
+    tier = "tiered"
+
+    def __init__(self, tiers: Sequence[TierSpec | str], root: str | Path | None = None, clock=None,
+                 disk: "DiskStore | None" = None):
+        import threading
+        import time
+
+        specs = {}
+        for t in tiers:
+            spec = TierSpec(t) if isinstance(t, str) else t
+            if spec.name in specs:
+                raise StoreError(f"tier {spec.name!r} given twice")
+            specs[spec.name] = spec
+        if not specs:
+            raise StoreError(f"a tiered store needs at least one tier of {', '.join(TIER_ORDER)}")
+        self.specs = {name: specs[name] for name in TIER_ORDER if name in specs}
+        self.storage = [name for name in self.specs if name != "active"]
+        if not self.storage:
+            raise StoreError("a tiered store needs a storage tier below 'active' (pinned, pageable or disk): "
+                             "the active tier is write-through")
+        self.clock = clock or time.monotonic
+        self._lock = threading.RLock()
+        self.stores: dict[str, KVStore] = {}
+        for name in self.storage:
+            if name == "disk":
+                self.stores[name] = disk if disk is not None else (
+                    DiskStore(root) if root is not None else DiskStore.temporary())
+            else:
+                self.stores[name] = MemoryStore(pinned=name == "pinned")
+        # per tier: key -> entry, in least-recently-used-first order (dicts keep insertion order)
+        self._entries: dict[str, dict[str, _Entry]] = {name: {} for name in self.specs}
+        self._active: dict[str, object] = {}
+        self._pins: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
+        self.counts = {name: {k: 0 for k in ("puts", "hits", "evictions", "expired", "full_errors")}
+                       for name in self.specs}
+        self.demotions = 0
+        self.deletions = 0  # evicted from the last tier: the conversation is recomputed next turn
+        self.dropped = 0  # no tier could take a put: likewise
+
+    # -- the public surface ----------------------------------------------------------------------
+    @property
+    def disk(self) -> "DiskStore | None":
+        return self.stores.get("disk")
+
+    def pin(self, key: str) -> None:
+        """Keep `key`'s state (and its active cache) from eviction until `unpin`."""
+        with self._lock:
+            self._pins.add(key)
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            self._pins.discard(key)
+
+    def where(self, key: str) -> str | None:
+        """The storage tier holding `key`'s state, or None."""
+        with self._lock:
+            return next((name for name in self.storage if key in self._entries[name]), None)
+
+    def used_bytes(self, tier: str) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries[tier].values())
+
+    def keys(self, tier: str) -> list[str]:
+        """The keys a tier holds, least recently used first."""
+        with self._lock:
+            return list(self._entries[tier])
+
+    def put(self, key: str, state: StoredState) -> int:
+        with self._lock:
+            self._expire()
+            self._remove(key, "all-storage")
+            placed = self._place(key, state, 0)
+            return self._entries[placed][key].nbytes if placed else 0
+
+    def get(self, key: str) -> StoredState:
+        with self._lock:
+            self._expire()
+            tier = self.where(key)
+            if tier is None:
+                raise MissingStateError(f"no stored state for conversation {key!r} in any tier "
+                                        f"({', '.join(self.storage)}): never stored, evicted past the last "
+                                        "tier, or dropped; the conversation is recomputed")
+            state = self.stores[tier].get(key)
+            self._touch(tier, key)
+            self.counts[tier]["hits"] += 1
+            return state
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._remove(key, "all")
+            for name in self.storage:  # also what a store holds outside the accounting (an earlier process)
+                self.stores[name].delete(key)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            self._expire()
+            return self.where(key) is not None
+
+    def keep_active(self, key: str, cache) -> bool:
+        """Keep the live `cache` of `key` (its stored state is already below) in the active tier;
+        False (nothing kept) when there is no active tier or it cannot make room."""
+        with self._lock:
+            if "active" not in self.specs:
+                return False
+            self._expire()
+            self._remove(key, "active")
+            nbytes = int(cache.nbytes())
+            if not self._make_room("active", nbytes, key):
+                return False
+            self._active[key] = cache
+            self._entries["active"][key] = _Entry(nbytes, self.clock())
+            self.counts["active"]["puts"] += 1
+            return True
+
+    def take_active(self, key: str):
+        """(state, live cache) kept for `key`, removed from the active tier (the turn writes into the
+        cache), or None. The state (the previous items the next offload builds on) is read from its
+        storage tier without counting a hit there: free from memory, a file read from the disk tier."""
+        with self._lock:
+            if "active" not in self.specs:
+                return None
+            self._expire()
+            cache = self._active.pop(key, None)
+            if cache is None:
+                return None
+            self._entries["active"].pop(key, None)
+            tier = self.where(key)
+            if tier is None:  # the state below is gone (evicted past the last tier): recompute
+                return None
+            state = self.stores[tier].get(key)
+            self._touch(tier, key)
+            self.counts["active"]["hits"] += 1
+            return state, cache
+
+    def stats(self) -> dict:
+        """Per tier: budget, used bytes, states, and the counters; plus demotions, deletions, drops."""
+        with self._lock:
+            tiers = {name: {"budget_bytes": spec.budget_bytes, "ttl_s": spec.ttl_s,
+                            "used_bytes": self.used_bytes(name), "n_states": len(self._entries[name]),
+                            **self.counts[name]} for name, spec in self.specs.items()}
+            return {"tiers": tiers, "demotions": self.demotions, "deletions": self.deletions,
+                    "dropped": self.dropped, "pinned_keys": len(self._pins)}
+
+    # -- placement, eviction, demotion -----------------------------------------------------------
+    def _touch(self, tier: str, key: str) -> None:
+        entry = self._entries[tier].pop(key)
+        entry.last_used = self.clock()
+        self._entries[tier][key] = entry  # most recently used last
+
+    def _remove(self, key: str, which: str) -> None:
+        names = {"all": list(self.specs), "all-storage": self.storage, "active": ["active"]}[which]
+        for name in (n for n in names if n in self.specs):
+            if self._entries[name].pop(key, None) is None:
+                continue
+            if name == "active":
+                self._active.pop(key, None)
+            else:
+                self.stores[name].delete(key)
+
+    def _nbytes(self, tier: str, key: str, state: StoredState) -> int:
+        if tier == "disk":
+            try:
+                return os.stat(self.stores["disk"].path(key)).st_size
+            except OSError:
+                pass
+        return state.nbytes()
+
+    def _make_room(self, tier: str, nbytes: int, incoming: str) -> bool:
+        """Evict `tier`'s least recently used unpinned states until `nbytes` more fit; False (nothing
+        evicted) when they cannot fit even then."""
+        budget = self.specs[tier].budget_bytes
+        if budget is None:
+            return True
+        entries = self._entries[tier]
+        evictable = [k for k in entries if k not in self._pins and k != incoming]
+        used = sum(e.nbytes for e in entries.values())
+        if nbytes > budget - used + sum(entries[k].nbytes for k in evictable):
+            return False
+        for k in evictable:
+            if used + nbytes <= budget:
+                break
+            used -= entries[k].nbytes
+            self.counts[tier]["evictions"] += 1
+            self._evict(tier, k)
+        return True
+
+    def _evict(self, tier: str, key: str) -> None:
+        """Move `key`'s state out of `tier`: down to the next storage tier, or deleted past the last."""
+        self._entries[tier].pop(key)
+        if tier == "active":  # write-through: the state is below already
+            self._active.pop(key, None)
+            return
+        store = self.stores[tier]
+        i = self.storage.index(tier)
+        state = store.get(key) if i + 1 < len(self.storage) else None
+        store.delete(key)
+        if state is None:
+            self.deletions += 1
+            self._remove(key, "active")  # a live cache without its state is never handed back
+            return
+        self.demotions += 1
+        self._place(key, state, i + 1)
+
+    def _place(self, key: str, state: StoredState, first: int) -> str | None:
+        """Put `state` in the first storage tier from index `first` that takes it; its name or None."""
+        for name in self.storage[first:]:
+            spec = self.specs[name]
+            estimate = state.nbytes()
+            if spec.budget_bytes is not None and estimate > spec.budget_bytes:
+                continue
+            if not self._make_room(name, estimate, key):
+                continue
+            try:
+                self.stores[name].put(key, state)
+            except StoreError as exc:  # a full disk, a file-size limit: next tier, never a crash
+                self.counts[name]["full_errors"] += 1
+                self._warn(name, key, exc)
+                continue
+            nbytes = self._nbytes(name, key, state)
+            self._entries[name][key] = _Entry(nbytes, self.clock())
+            self.counts[name]["puts"] += 1
+            if spec.budget_bytes is not None and self.used_bytes(name) > spec.budget_bytes:
+                self._make_room(name, 0, key)  # the file came out larger than estimated
+            return name
+        self.dropped += 1
+        return None
+
+    def _warn(self, tier: str, key: str, exc: Exception) -> None:
+        import warnings
+
+        kind = type(exc.__cause__ or exc).__name__ + str(getattr(exc.__cause__, "errno", ""))
+        if (tier, kind) in self._warned:
+            return
+        self._warned.add((tier, kind))
+        rest = self.storage[self.storage.index(tier) + 1:]
+        warnings.warn(f"krul: the {tier} tier could not store conversation {key!r} ({exc}); "
+                      + (f"trying the {rest[0]} tier" if rest else "no tier left: the conversation will be "
+                         "recomputed from its messages (exact, slower)") + ". Free space or raise the budget.",
+                      StoreSpaceWarning, stacklevel=4)
+
+    def _expire(self) -> None:
+        """Evict every unpinned state unused for longer than its tier's ttl_s (top tier first)."""
+        now = self.clock()
+        for name, spec in self.specs.items():
+            if spec.ttl_s is None:
+                continue
+            for key, entry in list(self._entries[name].items()):
+                if key in self._entries[name] and key not in self._pins and now - entry.last_used > spec.ttl_s:
+                    self.counts[name]["expired"] += 1
+                    self._evict(name, key)
+
+
+def make_tiered_store(budgets: dict[str, int | None], root: str | Path | None = None,
+                      ttl_s: dict[str, float] | None = None, clock=None) -> TieredStore:
+    """A `TieredStore` of the tiers named in `budgets` ({tier: bytes or None}); 'pinned' is left out
+    when CUDA is absent (page-locked memory serves GPU copies only)."""
+    ttl_s = ttl_s or {}
+    specs = [TierSpec(name, budgets[name], ttl_s.get(name)) for name in TIER_ORDER
+             if name in budgets and not (name == "pinned" and not torch.cuda.is_available())]
+    return TieredStore(specs, root=root, clock=clock)
