@@ -206,15 +206,43 @@ def matrix_json(m: torch.Tensor) -> list:
     return [[None if math.isnan(x) else x for x in row] for row in m.tolist()]
 
 
+class StorageMeter:
+    """A store that counts, for every state the engine restores (`get`), its stored bytes and its
+    history's full KV bytes as a bf16 deployment stores them (`pricing.state_storage_bytes`,
+    2 bytes per unquantized element): the storage ratio independent of the compute dtype."""
+
+    def __init__(self, inner):
+        self.inner, self.stored, self.full = inner, 0, 0
+
+    def get(self, key: str):
+        from krul.pricing import full_storage_bytes, state_geometry, state_storage_bytes
+
+        state = self.inner.get(key)
+        heads, head_dim = state_geometry(state)
+        self.full += full_storage_bytes(state.n_tokens, state.n_layers, heads, head_dim)
+        self.stored += state_storage_bytes(state)
+        return state
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.full / self.stored if self.stored else None
+
+
 def replay_with(adapter, policy, conversations, records, max_turns: int = 3, progress: bool = False,
-                losses: dict | None = None):
+                losses: dict | None = None, meter: StorageMeter | None = None):
     """Replay with recorded stats (and svd pair losses) at recompute ratio 0 and one generated
-    token per turn."""
+    token per turn (through `meter`'s store when given, else a pageable store)."""
     from krul.engine import Engine
     from krul.evaluation import run_policy
     from krul.store import make_store
 
-    engine = Engine(adapter, policy, make_store("pageable"), max_new_tokens=1)
+    engine = Engine(adapter, policy, meter if meter is not None else make_store("pageable"), max_new_tokens=1)
     engine.recorded_stats = records
     engine.recorded_pair_losses = losses
     return run_policy(engine, conversations, max_turns, progress=progress)
@@ -234,12 +262,15 @@ def curve_point(adapter, policy, conversations, records, base_rows, max_turns=3,
     """nll of `policy` vs the base pass (paired bootstrap ratio) and its compression."""
     from krul.evaluation import paired_ratio_ci, summarize
 
-    rows = replay_with(adapter, policy, conversations, records, max_turns, losses=losses)
+    from krul.store import make_store
+
+    meter = StorageMeter(make_store("pageable"))
+    rows = replay_with(adapter, policy, conversations, records, max_turns, losses=losses, meter=meter)
     summary = summarize(rows, adapter.name, policy.name)
     point, lo, hi = paired_ratio_ci(per_conv(rows), per_conv(base_rows))
     return {"policy": policy.name, "nll": summary["nll"], "nll_ratio": point, "nll_ratio_lo": lo,
             "nll_ratio_hi": hi, "compression_ratio": summary["compression_ratio"],
-            "storage_ratio": summary["storage_ratio"]}
+            "storage_ratio": meter.ratio, "storage_bytes": "bf16"}
 
 
 def grid_policy(name: str, tau: float, n_pairs: int, n_layers: int, rank_ratio: float | None = None):
@@ -374,8 +405,26 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
     return record
 
 
+# storage-codec policies with no pairs of their own (one curve point each, at n_pairs = 0)
+CODEC_ONLY_POLICIES = ("int8", "int4", "kivi")
+# krul-family policies whose payloads a codec quantizes: the pairs of the policy they are calibrated as
+CODEC_PAIR_POLICIES = ("krul-svd-loss-int8", "krul-svd-loss-int4")
 CURVE_POLICIES = ("krul", "minicache", "kvsharer", "krul-fix", "krul-svd", "krul-fix-svd", "krul-svd-loss",
-                  "krul-fix-svd-loss")
+                  "krul-fix-svd-loss", *CODEC_PAIR_POLICIES, *CODEC_ONLY_POLICIES)
+
+
+def with_codec_group(policy, codec_group: int | None):
+    """`policy` with its storage codec's group size set to `codec_group` (None, or no codec: as is)."""
+    codec = policy.compress_params.get("codec")
+    if codec_group is None or not codec:
+        return policy
+    return policy.with_params(compress_params={**policy.compress_params,
+                                               "codec": {**codec, "group": int(codec_group)}})
+
+
+def point_pair_counts(name: str, pair_counts) -> tuple:
+    """The pair counts a curve of policy `name` is measured at: (0,) for a codec-only policy."""
+    return (0,) if name in CODEC_ONLY_POLICIES else tuple(pair_counts)
 
 
 def with_rank_ratio_or_self(policy, rank_ratio: float | None):
@@ -387,7 +436,7 @@ def with_rank_ratio_or_self(policy, rank_ratio: float | None):
 
 def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_ratio: float | None = None,
                  prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0,
-                 rank_alloc: str = "uniform"):
+                 rank_alloc: str = "uniform", codec_group: int | None = None):
     """Policy `name` compressing `k` layer pairs at recompute ratio 0.
 
     krul / krul-svd / krul-svd-loss: per-conversation greedy pairs at threshold `tau` (svd-loss
@@ -398,11 +447,21 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
     `prior_weight` (default the calibration's, else 0); the svd-loss pair both pair their
     layers by `pairing` (default the calibration's, else greedy as the paper); krul-svd-loss
     validates its plan against the dev plan on the last `validate_tokens` positions (0: off); svd
-    policies spread each segment's rank budget over its pairs by `rank_alloc`."""
-    from krul.policies import (FIXED_PLAN_KEYS, fixed_loss_plan, get_policy, with_dev_scores, with_rank_alloc,
-                               with_rank_ratio)
+    policies spread each segment's rank budget over its pairs by `rank_alloc`. Codec policies: int8 /
+    int4 / kivi alone (`k` ignored), krul-svd-loss-int8 / -int4 as krul-svd-loss at `k` pairs with
+    their payloads quantized; `codec_group` overrides the codec's group size."""
+    from krul.policies import (CALIBRATED_AS, FIXED_PLAN_KEYS, fixed_loss_plan, get_policy, with_dev_scores,
+                               with_rank_alloc, with_rank_ratio)
     from krul.selector import pair_ratio
 
+    if name in CODEC_ONLY_POLICIES:
+        return with_codec_group(get_policy(name, recompute_ratio=0.0), codec_group)
+    if name in CALIBRATED_AS:  # the pairs of the policy it is calibrated as, its own codec on top
+        inner = curve_policy(CALIBRATED_AS[name], k, n_layers, cal, tau, rank_ratio, prior_weight, pairing,
+                             validate_tokens, rank_alloc)
+        codec = get_policy(name).compress_params["codec"]
+        return with_codec_group(inner.with_params(name=name, compress_params={**inner.compress_params,
+                                                                                "codec": codec}), codec_group)
     policy = get_policy(name, recompute_ratio=0.0)
     if policy.selector_params.get("method") == "svd":
         policy = with_rank_alloc(with_rank_ratio(policy, _rank_for(name, rank_ratio, cal)), rank_alloc)
@@ -457,7 +516,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
            calibration: str | Path | None = None, progress: bool = True,
            out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None,
            prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0,
-           rank_alloc: str = "uniform") -> dict:
+           rank_alloc: str = "uniform", codec_group: int | None = None) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
@@ -468,7 +527,9 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     (`<model>.curves-<split>-<tag>.*`). svd policies run at `rank_ratio` (default: the calibration's),
     krul-svd-loss with `prior_weight` (default: the calibration's, else 0), the svd-loss pair with
     `pairing` (default: the calibration's, else greedy), krul-svd-loss validating its plans on
-    `validate_tokens` positions (0: off).
+    `validate_tokens` positions (0: off), codec policies at `codec_group` (default: the registry's).
+    Codec-only policies (int8, int4, kivi) have one point each, at n_pairs = 0. Every point's
+    `storage_ratio` counts bytes as a bf16 deployment stores them (`StorageMeter`).
     """
     from tqdm.auto import tqdm
 
@@ -499,25 +560,27 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
             same = (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
                     and g.get("tau") == tau and g.get("calibration") == cal_path.name
                     and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal)
-                    and _compress_for(g["policy"], rank_ratio, cal, rank_alloc) in (None, g.get("compress"))
+                    and _compress_for(g["policy"], rank_ratio, cal, rank_alloc, codec_group)
+                    in (None, g.get("compress"))
                     and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0)
                     and g.get("pairing", _pairing_for(g["policy"], "greedy", cal))
                     == _pairing_for(g["policy"], pairing, cal)
                     and g.get("validate_tokens") == _validate_for(g["policy"], validate_tokens))
             if same:
                 done[(g["policy"], g["n_pairs"])] = g
-    todo = [(p, k) for p in policies for k in pair_counts if (p, k) not in done]
-    points = [done[(p, k)] for p in policies for k in pair_counts if (p, k) in done]
+    grid = [(p, k) for p in policies for k in point_pair_counts(p, pair_counts)]
+    todo = [(p, k) for p, k in grid if (p, k) not in done]
+    points = [done[(p, k)] for p, k in grid if (p, k) in done]
     if todo:
         records, base_rows = base_pass(adapter, convs, max_turns, progress)
         scored = [curve_policy(n, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing,
-                               validate_tokens, rank_alloc)
+                               validate_tokens, rank_alloc, codec_group)
                   for n, k in todo]
         scored = [p for p in scored if p.pair_score == "svd-loss"]
         losses = record_pair_losses(adapter, scored[0], convs, max_turns, progress) if scored else None
         for name, k in tqdm(todo, desc="curve points", disable=not progress):
             policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing,
-                                  validate_tokens, rank_alloc)
+                                  validate_tokens, rank_alloc, codec_group)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns, losses)
             point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
                          rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params),
@@ -586,14 +649,15 @@ def policy_pairs(policy) -> tuple:
     return tuple(policy.selector_params.get("pairs", ())) if policy.selector != "krul" else ()
 
 
-def _compress_for(name: str, rank_ratio: float | None, cal: dict, rank_alloc: str = "uniform") -> dict | None:
-    """The compression parameters a curve point of policy `name` runs with (svd policies only:
-    older points of the other policies carry none and still resume)."""
+def _compress_for(name: str, rank_ratio: float | None, cal: dict, rank_alloc: str = "uniform",
+                  codec_group: int | None = None) -> dict | None:
+    """The compression parameters a curve point of policy `name` runs with (svd and codec policies
+    only: older points of the other policies carry none and still resume)."""
     from krul.policies import get_policy, with_rank_alloc, with_rank_ratio
 
-    policy = get_policy(name)
+    policy = with_codec_group(get_policy(name), codec_group)
     if policy.selector_params.get("method") != "svd":
-        return None
+        return dict(policy.compress_params) if policy.compress_params.get("codec") else None
     policy = with_rank_ratio(policy, _rank_for(name, rank_ratio, cal))
     return dict(with_rank_alloc(policy, rank_alloc).compress_params)
 
@@ -642,11 +706,15 @@ def main_curves(argv) -> int:
                    help="svd policies: every pair at the same rank (xKV, default), or each segment's "
                         "K (and V) rank budget spread over its pairs by their own spectra (pairs), "
                         "or over pairs and K/V together (segment); same bytes")
+    p.add_argument("--codec-group", type=int, default=None,
+                   help="codec policies (int8, int4, kivi, krul-svd-loss-int8/-int4): the quantization "
+                        "group size (default: each policy's own)")
     args = p.parse_args(argv)
     rec = curves(args.model, args.split, args.n_conversations, args.max_tokens, policies=args.policies,
                  pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
                  tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight,
-                 pairing=args.pairing, validate_tokens=args.validate_tokens, rank_alloc=args.rank_alloc)
+                 pairing=args.pairing, validate_tokens=args.validate_tokens, rank_alloc=args.rank_alloc,
+                 codec_group=args.codec_group)
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))

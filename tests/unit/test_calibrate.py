@@ -1,13 +1,14 @@
 """The curve policies compress exactly the pairs the curve point names, at recompute ratio 0."""
 import pytest
 
-from krul.calibrate import CURVE_POLICIES, curve_policy
+from krul.calibrate import (CODEC_ONLY_POLICIES, CODEC_PAIR_POLICIES, CURVE_POLICIES, StorageMeter, _compress_for,
+                            curve_policy, point_pair_counts)
 
 CAL = {"split": "dev", "tau": 0.0, "krul_fix_pairs": [[6, 7], [4, 5], [3, 8]],
        "kvsharer_pairs": [[11, 24], [10, 25], [1, 18]], "krul_fix_loss_pairs": [[0, 24], [1, 23], [16, 17]]}
 
 
-@pytest.mark.parametrize("name", CURVE_POLICIES)
+@pytest.mark.parametrize("name", [n for n in CURVE_POLICIES if n not in CODEC_ONLY_POLICIES + CODEC_PAIR_POLICIES])
 def test_curve_policy_loads_everything_and_targets_k_pairs(name):
     policy = curve_policy(name, 2, 30, CAL, tau=0.25)
     assert policy.name == name
@@ -101,3 +102,54 @@ def test_svd_loss_curves_pair_by_the_pairing_asked_for():
     assert _pairing_for("krul-svd-loss", None, {**cal, "pairing": "matching"}) == "matching"
     with pytest.raises(ValueError, match="mean_pair_loss"):
         curve_policy("krul-fix-svd-loss", 2, 30, CAL, tau=0.0, pairing="matching")
+
+
+@pytest.mark.parametrize("name", CODEC_ONLY_POLICIES)
+def test_codec_only_curve_policies_have_one_point_and_their_codec(name):
+    assert point_pair_counts(name, (8, 12)) == (0,)
+    policy = curve_policy(name, 0, 30, CAL, tau=0.0)
+    assert policy.name == name and policy.selector is None and policy.recompute_ratio == 0.0
+    assert policy.compress_params["codec"]["bits"] in (2, 4, 8)
+    wider = curve_policy(name, 0, 30, CAL, tau=0.0, codec_group=128)
+    assert wider.compress_params["codec"]["group"] == 128
+    assert {k: v for k, v in wider.compress_params["codec"].items() if k != "group"} == \
+        {k: v for k, v in policy.compress_params["codec"].items() if k != "group"}
+    # the resume key follows the group: a point measured at another group size is not reused
+    assert _compress_for(name, None, CAL, codec_group=128) == dict(wider.compress_params)
+    assert _compress_for(name, None, CAL) != _compress_for(name, None, CAL, codec_group=128)
+
+
+@pytest.mark.parametrize("name", CODEC_PAIR_POLICIES)
+def test_quantized_krul_curve_policies_are_krul_svd_loss_plus_their_codec(name):
+    assert point_pair_counts(name, (8, 12)) == (8, 12)
+    inner = curve_policy("krul-svd-loss", 4, 30, CAL, tau=0.0)
+    policy = curve_policy(name, 4, 30, CAL, tau=0.0)
+    assert policy.name == name
+    assert policy.selector_params == inner.selector_params and policy.pair_score == inner.pair_score
+    codec = policy.compress_params["codec"]
+    assert codec["bits"] == int(name.rsplit("int", 1)[1])
+    assert {k: v for k, v in policy.compress_params.items() if k != "codec"} == dict(inner.compress_params)
+    assert _compress_for(name, None, CAL) == dict(policy.compress_params)
+
+
+def test_storage_meter_counts_restored_states_at_two_bytes_per_element():
+    import torch
+
+    from krul.pricing import storage_ratio
+    from krul.quant import codec_fn
+    from krul.store import ExactLayer, StoredItem, StoredState, make_store
+
+    n, layers = 40, 3
+    items = [StoredItem((l,), 0, n, ExactLayer(torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)))
+             for l in range(layers)]
+    state = StoredState({"kv_heads": 2, "head_dim": 8}, torch.arange(n), (0,) * layers, items, {})
+    meter = StorageMeter(make_store("pageable"))
+    assert meter.ratio is None
+    meter.put("a", state)
+    assert "a" in meter
+    assert meter.get("a") is not None and meter.ratio == pytest.approx(1.0)  # fp32 here, bf16 counted
+    quantized = state.map_payloads(codec_fn({"bits": 8, "group": 8}))
+    meter.put("b", quantized)
+    meter.get("b")
+    assert meter.stored > meter.full / 2  # the exact state plus the int8 one
+    assert storage_ratio(quantized) == pytest.approx(2 / (1 + 2 * 2 / 8))  # codes + bf16 scale and zero
