@@ -884,7 +884,7 @@ class TieredStore(KVStore):
     clock : seconds, monotonic (tests pass a fake one to drive the TTL).
     """
 
-    tier = "tiered"
+    tier = "tiered store's"  # as the engine words a miss: "... in the tiered store's tier"
 
     def __init__(self, tiers: Sequence[TierSpec | str], root: str | Path | None = None, clock=None,
                  disk: "DiskStore | None" = None):
@@ -1106,8 +1106,11 @@ class TieredStore(KVStore):
             nbytes = self._nbytes(name, key, state)
             self._entries[name][key] = _Entry(nbytes, self.clock())
             self.counts[name]["puts"] += 1
-            if spec.budget_bytes is not None and self.used_bytes(name) > spec.budget_bytes:
-                self._make_room(name, 0, key)  # the file came out larger than estimated
+            if (spec.budget_bytes is not None and self.used_bytes(name) > spec.budget_bytes
+                    and not self._make_room(name, 0, key)):  # the file came out larger than estimated,
+                self.counts[name]["evictions"] += 1  # and only it can go: down, or deleted
+                self._evict(name, key)
+                return self.where(key)
             return name
         self.dropped += 1
         return None
