@@ -6,6 +6,11 @@ device, counts, conversation ids, --store) are refused before the model loads; e
 status 2. A state that cannot be restored is recomputed by the engine (a warning, not an error).
 `--store DIR` keeps the disk tier's states in DIR across processes; `krul chat --store DIR
 --conversation ID` also keeps the conversation's messages there and resumes it in a later process.
+
+Every command shows its work on stderr (`--no-progress` turns it off): what it loads, and tqdm bars
+over the conversations and their turns with each turn's phase (restoring, prefilling, decoding,
+scoring pairs, compressing, ...), observed from outside the engine (`factory.TurnPhases`). `krul chat`
+streams its reply as it is generated and says when the reply hit --max-new-tokens.
 """
 from __future__ import annotations
 
@@ -19,6 +24,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # the engine the commands share is built in `factory` (below evaluation, which builds it too); re-exported
 from krul.factory import ConfigError, _device, build_engine, check_engine_args  # noqa: E402,F401
+
+CHAT_MAX_NEW_TOKENS = 256  # a chat answer of a few paragraphs; replay/evaluate keep 32 (the greedy references')
+
+CONVERSATIONS_FORMAT = """\
+Your own conversations (--conversations FILE.jsonl): one JSON object per line,
+  {"id": "trip-1", "messages": [{"role": "user", "content": "..."},
+                                {"role": "assistant", "content": "..."}, ...]}
+- id: 1-128 of A-Z a-z 0-9 _ . @ # -, unique in the file (it names the stored state)
+- role: user | assistant | system; content: a non-empty string
+- the first message that is not a system message is a user message; each user message is a turn,
+  and the assistant message after it is the real reply (its nll is scored; the model's own answer
+  is generated and shown). A conversation may end with a user message (nothing to score there).
+- ShareGPT's shape works too: {"id": ..., "conversations": [{"from": "human" | "gpt", "value": ...}]}
+- blank lines are skipped; an optional "meta": {...} object is kept.
+Example: examples/three_turns.jsonl; the format in full: docs/conversations.md."""
 
 
 def cmd_models(args) -> int:
@@ -84,28 +104,39 @@ REPLAY_COLS = ["conversation_id", "turn_idx", "history_tokens", "new_input_token
 
 
 def cmd_replay(args) -> int:
+    from krul.factory import ReplayBars, replay_all
+
     check_engine_args(args)
     _check_ids(args)
-    engine = build_engine(args)
     conversations = _conversations(args)
-    if not args.json:
-        print("  ".join(REPLAY_COLS))
-    for conv in conversations:
-        for result in engine.replay(conv, max_turns=args.max_turns):
+    engine = build_engine(args)
+    bars = ReplayBars(len(conversations), engine.policy.name, enabled=not args.no_progress)
+    try:
+        if not args.json:
+            bars.write("  ".join(REPLAY_COLS))
+        for _, result, phase_s in replay_all(engine, conversations, args.max_turns, bars=bars):
             row = result.to_json()
+            row["phase_s"] = phase_s
             if args.json:
-                print(json.dumps(row), flush=True)
-            else:
-                text = row["generated_text"].replace("\n", " ")
-                row["generated_text"] = text[:60] + ("..." if len(text) > 60 else "")
-                print("  ".join(_fmt(row[c]) for c in REPLAY_COLS), flush=True)
-                if row.get("plan", {}).get("pairs"):
-                    print(f"    plan: pairs={row['plan']['pairs']} sensitive={row['plan'].get('sensitive')} "
-                          f"recompute_ratio={row['recompute_ratio']:.3f}")
-                    v = row["plan"].get("validation")
-                    if v and v.get("candidates", 1) > 1:
-                        print(f"    validated on {v['tokens']} tokens: stored the {v['chosen']} plan "
-                              f"(KL own {v['kl_own']:.2e}, dev {v['kl_dev']:.2e})")
+                bars.write(json.dumps(row))
+                continue
+            text = row["generated_text"].replace("\n", " ")
+            row["generated_text"] = text[:60] + ("..." if len(text) > 60 else "")
+            bars.write("  ".join(_fmt(row[c]) for c in REPLAY_COLS))
+            if row.get("plan", {}).get("pairs"):
+                bars.write(f"    plan: pairs={row['plan']['pairs']} sensitive={row['plan'].get('sensitive')} "
+                           f"recompute_ratio={row['recompute_ratio']:.3f}")
+                v = row["plan"].get("validation")
+                if v and v.get("candidates", 1) > 1:
+                    bars.write(f"    validated on {v['tokens']} tokens: stored the {v['chosen']} plan "
+                               f"(KL own {v['kl_own']:.2e}, dev {v['kl_dev']:.2e})")
+            offload = sum(phase_s.get(k, 0.0) for k in ("scoring pairs", "compressing", "validating"))
+            if offload >= 0.5:  # where a slow turn's time went
+                bars.write(f"    offload: scoring pairs {phase_s.get('scoring pairs', 0.0):.2f} s, "
+                           f"compressing {phase_s.get('compressing', 0.0):.2f} s"
+                           + (f", validating {phase_s['validating']:.2f} s" if "validating" in phase_s else ""))
+    finally:
+        bars.close()
     return 0
 
 
@@ -134,8 +165,86 @@ def _save_transcript(path, messages: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+class _ChatView:
+    """What `krul chat` shows of a turn: the phase before the reply and after it (a transient tqdm
+    bar on stderr), the reply streamed to stdout as its tokens are sampled, and a cut reply said."""
+
+    def __init__(self, engine, progress: bool):
+        self.engine, self.progress = engine, progress
+        self.bar = None
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def start(self) -> None:
+        self.ids, self.printed = [], ""
+        self._open("thinking")
+
+    def _open(self, label: str) -> None:
+        from tqdm.auto import tqdm
+
+        if self.progress and self.bar is None:
+            self.bar = tqdm(total=None, desc=label, bar_format="  [{desc}]", leave=False, file=sys.stderr)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_phase(self, phase: str, _phases) -> None:
+        if phase == "decoding":
+            return
+        if self.ids and self.printed is not None and phase not in ("restoring", "prefilling"):
+            # the reply is over (its history is being kept and stored now): the rest of its text
+            self.end_stream(self.engine.adapter.tokenizer.decode(self.ids, skip_special_tokens=True))
+        if self.bar is None and self.printed is None:
+            self._open(phase)
+        if self.bar is not None:
+            self.bar.set_description_str(phase, refresh=True)
+
+    def on_token(self, token: int, _phases) -> None:
+        if self.printed is None:
+            return
+        if not self.ids:
+            self._close_bar()
+            print("model> ", end="", flush=True)
+        self.ids.append(token)
+        text = self.engine.adapter.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest of it
+            return
+        if text.startswith(self.printed):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+    def end_stream(self, final: str | None = None) -> None:
+        """Finish the streamed line (with the rest of `final`, the reply as the engine decoded it)."""
+        if self.printed is None:
+            return
+        if not self.ids:
+            self._close_bar()
+            print("model> ", end="")
+        if final is not None and final.startswith(self.printed):
+            print(final[len(self.printed):], end="")
+        print(flush=True)
+        self.printed = None
+
+    def finish(self, result) -> None:
+        self._close_bar()
+        self.end_stream(result.generated_text)
+        ids = result.generated_ids
+        if len(ids) >= self.engine.max_new_tokens and (not ids or ids[-1] not in self.engine.eos_ids):
+            print(f"   [cut: the reply reached --max-new-tokens {self.engine.max_new_tokens} before it "
+                  "ended; raise it for longer replies]")
+
+    def abort(self) -> None:
+        self._close_bar()
+        if self.printed is not None and self.ids:
+            print(flush=True)
+        self.printed = None
+
+
 def cmd_chat(args) -> int:
     from krul.engine import EngineError, check_conversation_id
+    from krul.factory import TurnPhases
 
     conv_id = check_conversation_id(args.conversation)
     engine = build_engine(args)
@@ -149,39 +258,48 @@ def cmd_chat(args) -> int:
     turn_idx = len(history) // 2
     print(f"krul chat: {args.model}, policy {engine.policy.name}, tier {engine.store.tier}"
           + (f", conversation {conv_id!r} in {args.store}" if persist else "")
-          + (f" (resumed after {turn_idx} turns)" if turn_idx else "") + ". Empty line or Ctrl-D quits.")
-    while True:
-        try:
-            text = input("you> ")
-        except EOFError:
-            break
-        if not text.strip():
-            break
-        user = {"role": "user", "content": text}
-        try:
-            result = engine.turn(conv_id, turn_idx, history, user, reply=None)
-        except EngineError as exc:  # e.g. longer than the model's context: drop the message, go on
-            print(f"krul: {exc}; message dropped, the conversation continues", file=sys.stderr)
-            continue
-        print(f"model> {result.generated_text}")
-        print(f"   [ttft {result.ttft_s * 1e3:.0f} ms, restore {result.restore_s * 1e3:.0f} ms, "
-              f"history {result.history_tokens} tokens, stored {result.stored_bytes / 1e6:.2f} MB"
-              + (", recomputed: the stored state could not be restored" if result.fallback else "") + "]")
-        history += [user, {"role": "assistant", "content": result.generated_text}]
-        turn_idx += 1
-        if persist:
-            _save_transcript(transcript, history)
+          + (f" (resumed after {turn_idx} turns)" if turn_idx else "")
+          + f", replies up to {engine.max_new_tokens} tokens. Empty line or Ctrl-D quits.")
+    view = _ChatView(engine, progress=not args.no_progress)
+    with TurnPhases(engine, on_phase=view.on_phase, on_token=view.on_token):
+        while True:
+            try:
+                text = input("you> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            user = {"role": "user", "content": text}
+            view.start()
+            try:
+                result = engine.turn(conv_id, turn_idx, history, user, reply=None)
+            except EngineError as exc:  # e.g. longer than the model's context: drop the message, go on
+                view.abort()
+                print(f"krul: {exc}; message dropped, the conversation continues", file=sys.stderr)
+                continue
+            except BaseException:
+                view.abort()
+                raise
+            view.finish(result)
+            print(f"   [ttft {result.ttft_s * 1e3:.0f} ms, restore {result.restore_s * 1e3:.0f} ms, "
+                  f"history {result.history_tokens} tokens, stored {result.stored_bytes / 1e6:.2f} MB"
+                  + (", recomputed: the stored state could not be restored" if result.fallback else "") + "]")
+            history += [user, {"role": "assistant", "content": result.generated_text}]
+            turn_idx += 1
+            if persist:
+                _save_transcript(transcript, history)
     if not persist:
         engine.store.delete(conv_id)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from krul.evaluation import evaluate
+    from krul.evaluation import describe, evaluate
 
     check_engine_args(args)
     _check_ids(args)
     summary = evaluate(args)
+    print(f"krul: {describe(summary)}", file=sys.stderr)
     print(json.dumps(summary, default=float))
     return 0
 
@@ -194,7 +312,7 @@ def cmd_bench(args, rest: list[str]) -> int:
     return bench.main_ttft(rest)
 
 
-def _engine_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
+def _engine_args(p: argparse.ArgumentParser, policy: bool = True, max_new_tokens: int = 32) -> None:
     p.add_argument("--model", default="smollm2-135m")
     if policy:
         p.add_argument("--policy", default="full-load")
@@ -205,15 +323,20 @@ def _engine_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
                    "with --store)")
     p.add_argument("--store", metavar="DIR", default=None,
                    help="keep the disk tier's states in DIR, across processes (implies --tier disk)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"most tokens the model generates per turn, at least 1 (default {max_new_tokens})")
     p.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--history", default="teacher", choices=["teacher", "model"],
                    help="teacher: real replies form the history; model: the generated answers do")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (bars over conversations and turns, with each turn's phase)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--conversations", default="sharegpt", help="sharegpt | mtbench | FILE.jsonl")
+    p.add_argument("--conversations", default="sharegpt",
+                   help="sharegpt | mtbench | FILE.jsonl (your own: one {\"id\", \"messages\"} object per "
+                   "line, see below)")
     p.add_argument("--split", default=None, choices=["dev", "test"])
     p.add_argument("--ids", nargs="*", default=None)
     p.add_argument("--limit", type=int, default=None)
@@ -230,15 +353,18 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     d = sub.add_parser("data", help="build data/processed from the installed packages")
     d.add_argument("--force", action="store_true")
-    r = sub.add_parser("replay", help="replay conversations turn by turn")
+    r = sub.add_parser("replay", help="replay conversations turn by turn", epilog=CONVERSATIONS_FORMAT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _engine_args(r)
     _data_args(r)
     c = sub.add_parser("chat", help="interactive multi-turn chat on the engine")
-    _engine_args(c)
+    _engine_args(c, max_new_tokens=CHAT_MAX_NEW_TOKENS)
     c.add_argument("--conversation", default="chat", metavar="ID",
                    help="the conversation's id (1-128 of A-Z a-z 0-9 _ . @ # -); with --store, a later "
                    "`krul chat` with the same id continues it")
-    e = sub.add_parser("evaluate", help="quality and storage of a policy (one JSON summary)")
+    e = sub.add_parser("evaluate", help="quality and storage of a policy, and its nll ratio to full-load "
+                       "(one JSON summary)", epilog=CONVERSATIONS_FORMAT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _engine_args(e)
     _data_args(e)
     e.add_argument("--rouge", action="store_true", help="also compute ROUGE-L (needs evaluate)")

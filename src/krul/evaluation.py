@@ -6,13 +6,25 @@ reply tokens); `nll_ci95` by a bootstrap over conversations. Bytes are summed ov
 restored before each turn >= 2. `greedy_match_rate`: common prefix of the first 32 greedy tokens
 with those of `full-load` (cached per model/conversation/turn), over 32. ROUGE-L against the
 full-load answer and, for MT-Bench questions with GPT-4 references, against the reference.
-This module knows nothing about plotting or file layouts beyond its reference cache.
+
+Every summary also holds full-load's nll on the same conversations and the policy's ratio to it,
+`nll_ratio_to_full_load`, with a paired bootstrap interval over conversations (`paired_ratio_ci`).
+Full-load's per-turn nll and greedy answers are cached per conversation under
+`$KRUL_HOME/cache/full-load/`, keyed by what produced them (`full_load_key`: the model, the
+conversation's content, the turns, the history mode, the generation settings that shape a
+model-made history, and `code_version()`, a digest of krul's source), so a second `krul evaluate`
+on the same conversations does not recompute it and an edit of either the conversation or the code
+does.
+This module knows nothing about plotting or file layouts beyond its caches.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -80,18 +92,123 @@ class Evaluation:
     rows: list  # TurnResult per turn
 
 
-def run_policy(engine, conversations, max_turns: int = 3, progress: bool = True) -> list:
-    """Replay every conversation; TurnResults, with full-load references cached on the way."""
-    from tqdm.auto import tqdm
+def run_policy(engine, conversations, max_turns: int = 3, progress: bool = True, desc: str | None = None) -> list:
+    """Replay every conversation; TurnResults, with full-load references cached on the way.
+    Progress (a bar per conversation and per turn, with the turn's phase) on stderr unless
+    `progress` is False."""
+    from krul.factory import replay_all
 
     rows = []
-    for conv in tqdm(conversations, desc=f"{engine.policy.name}", disable=not progress, leave=False):
-        for result in engine.replay(conv, max_turns=max_turns):
-            if engine.policy.name == "full-load" and not engine.do_sample:
-                save_reference(engine.adapter.name, conv.content_key, result.turn_idx,
-                               result.generated_ids[:GREEDY_TOKENS], result.generated_text, engine.history)
-            rows.append(result)
+    for conv, result, _ in replay_all(engine, conversations, max_turns, desc=desc, progress=progress):
+        # a reference holds the first GREEDY_TOKENS greedy tokens: a shorter run would cut it
+        if engine.policy.name == "full-load" and not engine.do_sample and engine.max_new_tokens >= GREEDY_TOKENS:
+            save_reference(engine.adapter.name, conv.content_key, result.turn_idx,
+                           result.generated_ids[:GREEDY_TOKENS], result.generated_text, engine.history)
+        rows.append(result)
     return rows
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A digest of krul's source: every `*.py` under the package, by relative path and content.
+    What a cached result depends on: it changes with any edit of src/krul, committed or not (what the
+    git sha plus the uncommitted diff of src/ tell apart), and not with commits elsewhere."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def full_load_key(model: str, conversation, max_turns: int, history: str, max_new_tokens: int,
+                  do_sample: bool, seed: int) -> str:
+    """The cache key of full-load's turns of `conversation`: model, content (`content_key`), turns,
+    history mode and `code_version()`; with a model-made history (`history="model"`) also the
+    generation settings, which shape that history."""
+    parts = [model, conversation.content_key, str(max_turns), history, code_version()]
+    if history == "model":
+        parts += [str(max_new_tokens), str(bool(do_sample)), str(seed)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _full_load_path(key: str) -> Path:
+    return paths.krul_home() / "cache" / "full-load" / f"{key}.json"
+
+
+def load_full_load(key: str) -> dict | None:
+    """The cached full-load record of a key, or None (missing or unreadable: recomputed)."""
+    p = _full_load_path(key)
+    try:
+        return json.loads(p.read_text()) if p.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def save_full_load(key: str, record: dict) -> None:
+    p = _full_load_path(key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(p)
+
+
+def _full_load_record(conv, results: list, greedy: bool) -> dict:
+    """What the cache keeps of a conversation's full-load turns: per turn the reply's nll sum and
+    token count, and (greedy) the first GREEDY_TOKENS generated ids and the text."""
+    return {"conversation_key": conv.content_key, "greedy": greedy, "turns": [
+        {"turn_idx": r.turn_idx, "reply_nll_sum": r.reply_nll_sum, "reply_tokens": r.reply_tokens,
+         "generated_ids": list(r.generated_ids[:GREEDY_TOKENS]), "generated_text": r.generated_text}
+        for r in results]}
+
+
+def per_conversation_nll(records: dict) -> dict:
+    """conversation id -> (nll sum, tokens) over turns >= 2 (turn_idx >= 1) of full-load records."""
+    out = {}
+    for cid, rec in records.items():
+        turns = [t for t in rec["turns"] if t["turn_idx"] >= 1]
+        out[cid] = (float(sum(t["reply_nll_sum"] for t in turns)), int(sum(t["reply_tokens"] for t in turns)))
+    return out
+
+
+def full_load_references(args, conversations, max_turns: int, history: str, adapter=None,
+                         need_greedy: bool = True, progress: bool = True):
+    """Full-load's records of `conversations` (id -> record), from the cache or computed and cached;
+    the greedy references `summarize` reads are (re)written from them. Returns (records, n_cached,
+    adapter): `adapter` is the model when it had to be loaded here (else the one given)."""
+    from krul.factory import build_engine, note
+
+    max_new = max(args.max_new_tokens, GREEDY_TOKENS)
+    keys = {c.id: full_load_key(args.model, c, max_turns, history, max_new, args.sample, args.seed)
+            for c in conversations}
+    records, missing = {}, []
+    for conv in conversations:
+        rec = load_full_load(keys[conv.id])
+        if rec is None or (need_greedy and not args.sample and not rec.get("greedy")):
+            missing.append(conv)
+        else:
+            records[conv.id] = rec
+    n_cached = len(records)
+    if n_cached:
+        note(f"full-load reference: {n_cached} of {len(conversations)} conversations from the cache", progress)
+    if missing:
+        ref_engine = build_engine(args, policy_name="full-load", adapter=adapter)
+        adapter = ref_engine.adapter
+        ref_engine.max_new_tokens = max_new
+        by_conv: dict[str, list] = {}
+        for result in run_policy(ref_engine, missing, max_turns, progress=progress, desc="full-load (reference)"):
+            by_conv.setdefault(result.conversation_id, []).append(result)
+        for conv in missing:
+            rec = _full_load_record(conv, by_conv.get(conv.id, []), greedy=not ref_engine.do_sample)
+            save_full_load(keys[conv.id], rec)
+            records[conv.id] = rec
+    for conv in conversations:  # the greedy references summarize() compares with
+        rec = records[conv.id]
+        if rec.get("greedy"):
+            for t in rec["turns"]:
+                if load_reference(args.model, conv.content_key, t["turn_idx"], history) is None:
+                    save_reference(args.model, conv.content_key, t["turn_idx"], t["generated_ids"],
+                                   t["generated_text"], history)
+    return records, n_cached, adapter
 
 
 def summarize(rows: list, model: str, policy: str, references: dict | None = None,
@@ -149,11 +266,42 @@ def summarize(rows: list, model: str, policy: str, references: dict | None = Non
     return summary
 
 
+def with_full_load(summary: dict, full_load: dict, n_cached: int, n_boot: int = 2000, seed: int = 0) -> dict:
+    """`summary` plus full-load's nll on the same conversations (`full_load`: id -> (sum, tokens)),
+    its bootstrap interval, and the policy's nll ratio to it with a paired bootstrap interval
+    (conversations resampled together, `paired_ratio_ci`)."""
+    own = {k: tuple(v) for k, v in summary["per_conversation"].items() if v[1] > 0}
+    base = {k: v for k, v in full_load.items() if v[1] > 0}
+    tokens = sum(c for _, c in base.values())
+    fl_nll = sum(s for s, _ in base.values()) / tokens if tokens else None
+    fl_ci = list(bootstrap_ci(list(base.values()), n_boot=n_boot, seed=seed)) if tokens else [None, None]
+    point = lo = hi = None
+    if own and set(own) & set(base) and summary.get("nll") is not None:
+        point, lo, hi = paired_ratio_ci(own, base, n_boot=n_boot, seed=seed)
+    return {**summary, "full_load_nll": fl_nll, "full_load_nll_ci95": fl_ci,
+            "nll_ratio_to_full_load": point, "nll_ratio_ci95": [lo, hi],
+            "full_load_cached_conversations": n_cached}
+
+
+def describe(summary: dict) -> str:
+    """One line for a reader: the policy's nll, full-load's, the ratio and its paired interval."""
+    if summary.get("nll") is None or summary.get("nll_ratio_to_full_load") is None:
+        return (f"{summary['policy']}: no nll (no real replies scored"
+                + ("; MT-Bench has none" if summary.get("n_scored_tokens") else "") + ")")
+    lo, hi = summary["nll_ratio_ci95"]
+    return (f"{summary['policy']}: nll {summary['nll']:.4f}, full-load {summary['full_load_nll']:.4f}, "
+            f"ratio {summary['nll_ratio_to_full_load']:.4f} (95% paired bootstrap over "
+            f"{summary['n_conversations']} conversations: {lo:.4f} to {hi:.4f}), "
+            f"{summary['n_scored_tokens']} reply tokens")
+
+
 def evaluate(args) -> dict:
-    """`krul evaluate`: build the engine from CLI args, run, summarise (one JSON object)."""
+    """`krul evaluate`: build the engine from CLI args, run it and full-load (cached by content) on
+    the same conversations, summarise (one JSON object). Progress on stderr unless args.no_progress."""
     from krul import data
     from krul.factory import build_engine
 
+    progress = not getattr(args, "no_progress", False)
     conversations = data.load_conversations(args.conversations, split=args.split, ids=args.ids,
                                             limit=args.limit)
     history = args.history
@@ -162,20 +310,28 @@ def evaluate(args) -> dict:
         history = "model"  # MT-Bench has no real replies: the model's turn-1 answer is the history
         args.history = "model"
     max_turns = args.max_turns or 3
-    if args.policy != "full-load":  # make sure the greedy references exist
-        missing = [c for c in conversations
-                   if any(load_reference(args.model, c.content_key, t, history) is None for t in range(1, max_turns))]
-        if missing:
-            ref_engine = build_engine(args, policy_name="full-load")
-            ref_engine.max_new_tokens = max(ref_engine.max_new_tokens, GREEDY_TOKENS)
-            run_policy(ref_engine, missing, max_turns)
-    engine = build_engine(args)
-    rows = run_policy(engine, conversations, max_turns)
+    adapter, records, n_cached = None, None, 0
+    if args.policy != "full-load":  # full-load's nll and the greedy references, cached by content
+        records, n_cached, adapter = full_load_references(args, conversations, max_turns, history,
+                                                          progress=progress)
+    engine = build_engine(args, adapter=adapter)
+    rows = run_policy(engine, conversations, max_turns, progress=progress)
     summary = summarize(rows, args.model, engine.policy.name, mtbench_refs=mtbench_refs,
                         rouge=args.rouge, history=history)
+    if records is None:  # full-load itself: its own rows are the reference (and fill the cache)
+        by_conv: dict[str, list] = {}
+        for r in rows:
+            by_conv.setdefault(r.conversation_id, []).append(r)
+        greedy = not engine.do_sample and engine.max_new_tokens >= GREEDY_TOKENS
+        records = {c.id: _full_load_record(c, by_conv.get(c.id, []), greedy) for c in conversations}
+        for c in conversations:
+            save_full_load(full_load_key(args.model, c, max_turns, history, engine.max_new_tokens,
+                                         args.sample, args.seed), records[c.id])
+    summary = with_full_load(summary, per_conversation_nll(records), n_cached)
     if args.conversations == "mtbench":
-        summary["nll"] = None  # no real replies
-        summary["nll_ci95"] = [None, None]
+        for k in ("nll", "full_load_nll", "nll_ratio_to_full_load"):
+            summary[k] = None  # no real replies
+        summary["nll_ci95"] = summary["full_load_nll_ci95"] = summary["nll_ratio_ci95"] = [None, None]
     if not args.json:
         summary.pop("per_conversation")
     return summary

@@ -7,10 +7,18 @@ The arguments are checked (`check_engine_args`) before anything heavy is importe
 tier, policy, device, token count or store folder is a one-line `ConfigError` at once.
 `store_dir` (`--store DIR`) roots the disk tier at DIR, which persists across processes: a later
 process restores the conversations an earlier one stored there.
+
+The commands show their work through `TurnPhases` and `replay_all`: the phases of each turn (restoring,
+prefilling, decoding, scoring pairs, compressing, ...) observed from outside the engine, drawn as tqdm
+bars on stderr (one over the conversations, one over the turns of the current one) and timed. The
+engine knows nothing of this; the wrapping is undone when the `with` block ends.
 """
 from __future__ import annotations
 
+import copy
 import os
+import sys
+import time
 from pathlib import Path
 
 # as `cli` does (evaluation got these by importing cli before the engine moved here)
@@ -106,17 +114,29 @@ def _load_adapter(model_name: str, device: str):
     return ModelAdapter(model, tokenizer, model_name)
 
 
-def build_engine(args, policy_name: str | None = None):
+def note(message: str, enabled: bool = True) -> None:
+    """One line of what a command is doing on stderr (`krul: ...`), unless disabled (--no-progress)."""
+    if enabled:
+        print(f"krul: {message}", file=sys.stderr, flush=True)
+
+
+def build_engine(args, policy_name: str | None = None, adapter=None):
     """The engine the replay/chat/evaluate commands share (arguments checked before the model loads).
-    `args.store` (optional): the folder of a persistent disk tier."""
+    `args.store` (optional): the folder of a persistent disk tier. `adapter`: a model already loaded
+    (a second engine on the same model, e.g. `krul evaluate`'s full-load reference), else loaded here.
+    Says on stderr what takes seconds (loading the model, measuring restore rates) unless
+    `args.no_progress`."""
     from krul.engine import Engine
     from krul.policies import get_policy
     from krul.store import make_store
 
     device = check_engine_args(args, policy_name)
     tier = resolve_tier(args)
+    show = not getattr(args, "no_progress", False)
     store = make_store(tier, getattr(args, "store", None))
-    adapter = _load_adapter(args.model, device)
+    if adapter is None:
+        note(f"loading {args.model} on {device}", show)
+        adapter = _load_adapter(args.model, device)
     policy = get_policy(policy_name or args.policy, getattr(args, "recompute_ratio", None), model=args.model)
     estimator = None
     if policy.needs_estimator:
@@ -127,7 +147,226 @@ def build_engine(args, policy_name: str | None = None):
     if policy.split == "scheduler":
         from krul.profile import measure_rates
 
+        note(f"measuring the {tier} tier's restore rates for {policy.name}'s scheduler", show)
         rates = measure_rates(adapter, tier)
     return Engine(adapter, policy, store, max_new_tokens=args.max_new_tokens,
                   do_sample=args.sample, seed=args.seed, history=args.history,
                   estimator=estimator, rates=rates)
+
+
+# -- showing the work: the phases of a turn, observed from outside the engine --------------------
+
+# what each wrapped method is doing, as the bars name it
+_POLICY_PHASES = {"offload": "offloading", "pair_losses": "scoring pairs", "build": "compressing",
+                  "validated": "validating"}
+OFFLOAD_PHASES = ("offloading", "scoring pairs", "compressing", "validating", "storing")
+
+
+class TurnPhases:
+    """The phases of an engine's turns, observed from outside it, for progress bars and timings.
+
+    Inside `with TurnPhases(engine, on_phase, on_token):` bound methods of this engine's own objects
+    are shadowed by timed wrappers (instance attributes; no class is touched, so other engines are
+    not): the engine's `turn`, `_restore`, `_forward` and `_sample`; the policy's `offload`,
+    `pair_losses`, `build` and `validated` (on a copy: the policy is frozen and may be the registry's
+    own); the store's `put`. `finally` puts everything back. The engine's results are unchanged.
+
+    Phases: restoring, prefilling (the new input), decoding, prefilling reply (the real reply, or the
+    generated one, read over the history to keep), offloading (the plan, outside its scoring),
+    scoring pairs, compressing, validating, storing; "other" is the rest of the turn (tokenizing,
+    sampling, bookkeeping). A phase nested in another is charged alone (compressing inside
+    validating counts as compressing).
+
+    on_phase(phase, phases) : called at each change of the innermost phase (not for "other").
+    on_token(token_id, phases) : called with each generated token as it is sampled.
+    `seconds`: phase -> seconds of the current turn; `last`: those of the last finished turn;
+    `n_generated`: tokens generated in the current turn.
+    """
+
+    def __init__(self, engine, on_phase=None, on_token=None):
+        self.engine = engine
+        self.on_phase = on_phase
+        self.on_token = on_token
+        self.stack: list[str] = []
+        self.seconds: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.n_generated = 0
+        self._t = 0.0
+        self._patched: list[tuple] = []
+        self._policy = None
+
+    @property
+    def phase(self) -> str | None:
+        return self.stack[-1] if self.stack else None
+
+    def _charge(self) -> None:
+        now = time.perf_counter()
+        if self.stack:
+            self.seconds[self.stack[-1]] = self.seconds.get(self.stack[-1], 0.0) + now - self._t
+        self._t = now
+
+    def _enter(self, phase: str) -> None:
+        self._charge()
+        self.stack.append(phase)
+        if self.on_phase is not None and phase != "other":
+            self.on_phase(phase, self)
+
+    def _exit(self) -> None:
+        self._charge()
+        self.stack.pop()
+        if self.on_phase is not None and self.phase not in (None, "other"):
+            self.on_phase(self.phase, self)
+
+    def _timed(self, fn, phase_of):
+        def wrapped(*args, **kwargs):
+            phase = phase_of(*args, **kwargs) if callable(phase_of) else phase_of
+            self._enter(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._exit()
+        return wrapped
+
+    def _patch(self, obj, name: str, new) -> None:
+        had = name in vars(obj)
+        self._patched.append((obj, name, had, vars(obj).get(name)))
+        object.__setattr__(obj, name, new)  # object's: the policy is a frozen dataclass
+
+    # the phase of a forward: the new input before the first token, a decode step (one token, last
+    # logits) after it, else the reply read over the history
+    def _forward_phase(self, conversation_id, input_ids, cache, logits_to_keep: int = 0) -> str:
+        if self.n_generated == 0:
+            return "prefilling"
+        return "decoding" if logits_to_keep == 1 and input_ids.shape[-1] == 1 else "prefilling reply"
+
+    def __enter__(self) -> "TurnPhases":
+        engine = self.engine
+        turn = engine.turn
+
+        def observed_turn(*args, **kwargs):
+            self.seconds, self.n_generated, self.stack = {}, 0, []
+            self._enter("other")
+            try:
+                return turn(*args, **kwargs)
+            finally:
+                self._exit()
+                self.last = dict(self.seconds)
+
+        sample = engine._sample
+
+        def observed_sample(logits):
+            token = sample(logits)
+            self.n_generated += 1
+            if self.on_token is not None:
+                self.on_token(token, self)
+            return token
+
+        self._patch(engine, "turn", observed_turn)
+        self._patch(engine, "_restore", self._timed(engine._restore, "restoring"))
+        self._patch(engine, "_forward", self._timed(engine._forward, self._forward_phase))
+        self._patch(engine, "_sample", observed_sample)
+        self._policy = engine.policy
+        policy = copy.copy(engine.policy)
+        for name, phase in _POLICY_PHASES.items():
+            self._patch(policy, name, self._timed(getattr(policy, name), phase))
+        engine.policy = policy
+        self._patch(engine.store, "put", self._timed(engine.store.put, "storing"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.policy = self._policy
+        for obj, name, had, old in reversed(self._patched):
+            if had:
+                object.__setattr__(obj, name, old)
+            else:
+                object.__delattr__(obj, name)
+        self._patched = []
+
+
+def n_turns(conversation, max_turns: int | None = None) -> int:
+    """The user turns `Engine.replay` runs of `conversation`."""
+    n = len(conversation.user_turn_indices())
+    return n if max_turns is None else min(n, max_turns)
+
+
+class ReplayBars:
+    """tqdm bars on stderr: one over the conversations, one over the turns of the current
+    conversation showing the turn's phase (`decoding 12/32`), refreshed at each phase change and at
+    most every `min_s` seconds while decoding. `write(line)` prints a line (stdout) above the bars."""
+
+    def __init__(self, n_conversations: int, desc: str, enabled: bool = True, min_s: float = 0.2):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.enabled = enabled
+        self.min_s = min_s
+        self.outer = tqdm(total=n_conversations, desc=desc, unit="conv", disable=not enabled,
+                          file=sys.stderr, dynamic_ncols=True, position=0)
+        self.inner = None
+        self._shown = ("", 0.0)
+
+    def start(self, conversation_id: str, total_turns: int) -> None:
+        self.close_inner()
+        self.inner = self._tqdm(total=total_turns, desc=f"  {conversation_id}", unit="turn", leave=False,
+                                disable=not self.enabled, file=sys.stderr, dynamic_ncols=True, position=1)
+
+    def on_phase(self, phase: str, phases: TurnPhases) -> None:
+        if self.inner is None or not self.enabled:
+            return
+        now = time.perf_counter()
+        if phase == "decoding":
+            if self._shown[0] == "decoding" and now - self._shown[1] < self.min_s:
+                return
+            label = f"decoding {phases.n_generated}/{phases.engine.max_new_tokens}"
+        else:
+            label = phase
+        self._shown = (phase, now)
+        self.inner.set_postfix_str(label, refresh=True)
+
+    def turn_done(self) -> None:
+        if self.inner is not None:
+            self.inner.update(1)
+
+    def conversation_done(self) -> None:
+        self.close_inner()
+        self.outer.update(1)
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            self._tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+
+    def close_inner(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
+
+    def close(self) -> None:
+        self.close_inner()
+        self.outer.close()
+
+
+def replay_all(engine, conversations, max_turns: int | None = None, desc: str | None = None,
+               progress: bool = True, bars: ReplayBars | None = None):
+    """Replay every conversation turn by turn with its progress on stderr.
+
+    Yields (conversation, TurnResult, phase_s), phase_s: {phase: seconds} of that turn (`TurnPhases`).
+    `bars`: bars to draw on (their `write` prints rows above them); else made here, shown unless
+    `progress` is False, and closed at the end.
+    """
+    own = bars is None
+    if own:
+        bars = ReplayBars(len(conversations), desc or engine.policy.name, enabled=progress)
+    try:
+        with TurnPhases(engine, on_phase=bars.on_phase) as phases:
+            for conv in conversations:
+                bars.start(conv.id, n_turns(conv, max_turns))
+                for result in engine.replay(conv, max_turns=max_turns):
+                    bars.turn_done()
+                    yield conv, result, {k: round(v, 6) for k, v in phases.last.items()}
+                bars.conversation_done()
+    finally:
+        if own:
+            bars.close()

@@ -1,12 +1,21 @@
 """The command line in-process: options refused before the model loads (one line, status 2), odd
-conversation ids, `krul chat` surviving a too-long message, and `--store DIR` carrying states and
-chats across processes (a tiny random chat model stands in for SmolLM2)."""
+conversation ids, `krul chat` surviving a too-long message, `--store DIR` carrying states and
+chats across processes, the work shown on stderr (phases per turn, observed without changing the
+engine's results), the documented JSONL example replayed, and `krul chat` streaming its reply and
+saying when it was cut (a tiny random chat model stands in for SmolLM2)."""
+import io
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from krul import cli, factory
 from krul.store import TIERS, DiskStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "three_turns.jsonl"
 
 
 @pytest.fixture
@@ -54,6 +63,8 @@ LONG_ID = "x" * 129
     (["chat", "--policy", "nope"], "unknown policy"),
     (["replay", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["chat", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
+    (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
+    (["evaluate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["replay", "--recompute-ratio", "1.5"], "--recompute-ratio must be between 0 and 1"),
     (["replay", "--limit", "0"], "--limit must be at least 1"),
     (["replay", "--max-turns", "0"], "--max-turns must be at least 1"),
@@ -159,3 +170,149 @@ def test_replay_with_store_leaves_the_state_for_another_engine(tiny_model, capsy
     engine = Engine(make_tiny_chat(), "full-load", make_store("disk", root), max_new_tokens=2)
     result = engine.turn("conv-1", 1, msgs[:2], msgs[2], reply=msgs[3]["content"])
     assert engine.fallbacks == 0 and result.history_tokens > 0 and result.stored_bytes > 0
+
+
+# -- the work shown: phases, progress, the example, streaming ------------------------------------
+
+def test_chat_answers_fit_a_chat_and_replay_keeps_the_reference_length():
+    """`krul chat`'s default reply length fits a chat answer; replay/evaluate keep 32 tokens."""
+    assert cli.parser().parse_args(["chat"]).max_new_tokens == cli.CHAT_MAX_NEW_TOKENS == 256
+    assert cli.parser().parse_args(["replay"]).max_new_tokens == 32
+    assert cli.parser().parse_args(["evaluate"]).max_new_tokens == 32
+
+
+def test_help_documents_the_conversation_format(capsys):
+    """`krul replay --help` and `krul evaluate --help` show the JSONL format and name the example."""
+    for command in ("replay", "evaluate"):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args([command, "--help"])
+        out = capsys.readouterr().out
+        assert '"messages"' in out and "user | assistant | system" in out
+        assert "examples/three_turns.jsonl" in out and "docs/conversations.md" in out
+    assert (REPO / "docs" / "conversations.md").is_file()
+
+
+def test_the_example_is_three_turns_in_the_documented_format():
+    """examples/three_turns.jsonl reads back as one conversation of three user turns, each answered."""
+    from krul import data
+
+    (conv,) = data.read_jsonl(EXAMPLE)
+    assert len(conv.user_turn_indices()) == 3 and [m["role"] for m in conv.messages] == ["user", "assistant"] * 3
+    assert f"--conversations {EXAMPLE.relative_to(REPO)}" in (REPO / "docs" / "conversations.md").read_text()
+
+
+def test_replay_runs_the_example_and_shows_progress(tiny_model, capsys):
+    """`krul replay --conversations examples/three_turns.jsonl` replays its three turns (JSON rows on
+    stdout, each with its phase timings) while stderr shows the bars and the turns' phases."""
+    assert cli.main(["replay", "--device", "cpu", "--conversations", str(EXAMPLE), "--max-new-tokens", "3",
+                     "--policy", "int8", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["turn_idx"] for r in rows] == [0, 1, 2] and {r["conversation_id"] for r in rows} == {"lisbon-trip"}
+    assert all({"restoring", "prefilling", "compressing", "storing"} <= set(r["phase_s"]) for r in rows)
+    assert rows[1]["stored_bytes"] > 0
+    assert "loading smollm2-135m" in err and "lisbon-trip" in err and "3/3" in err and "1/1" in err
+    for phase in ("restoring", "prefilling", "decoding", "prefilling reply", "compressing", "storing"):
+        assert phase in err, phase
+
+
+def test_no_progress_is_quiet(tiny_model, capsys):
+    """--no-progress: nothing on stderr, the same table on stdout."""
+    assert cli.main(["replay", "--device", "cpu", "--conversations", str(EXAMPLE), "--max-new-tokens", "2",
+                     "--max-turns", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.splitlines()[0].startswith("conversation_id") and "lisbon-trip" in out
+
+
+def test_observing_the_phases_changes_nothing(tiny_chat):
+    """TurnPhases sees krul-svd-loss score pairs and compress, times each phase, and leaves the turns'
+    results (tokens, nll, stored bytes) and the engine's methods exactly as without it."""
+    from krul import data
+    from krul.engine import Engine
+    from krul.estimator import AttentionEstimator
+    from krul.factory import TurnPhases
+    from krul.policies import get_policy
+    from krul.store import make_store
+
+    (conv,) = data.read_jsonl(EXAMPLE)
+    policy = get_policy("krul-svd-loss").with_params(split="load", prior_weight=0.0,
+                                                   selector_params={**get_policy("krul-svd-loss").selector_params, "tau": 0.0})
+
+    def run(observe: bool):
+        engine = Engine(tiny_chat, policy, make_store("pageable"), max_new_tokens=3,
+                        estimator=AttentionEstimator(tiny_chat))
+        seen, timings = [], []
+        if not observe:
+            return engine, [r.to_json() for r in engine.replay(conv)], seen, timings
+        with TurnPhases(engine, on_phase=lambda ph, _: seen.append(ph)) as phases:
+            rows = []
+            for r in engine.replay(conv):
+                rows.append(r.to_json())
+                timings.append(dict(phases.last))
+        return engine, rows, seen, timings
+
+    engine, observed, seen, timings = run(True)
+    _, plain, _, _ = run(False)
+    keep = ("generated_text", "reply_nll_sum", "stored_bytes", "offloaded_bytes", "plan")
+    assert [{k: r[k] for k in keep} for r in observed] == [{k: r[k] for k in keep} for r in plain]
+    assert any(r["plan"].get("pairs") for r in observed)  # the svd-loss selector did pair layers
+    assert {"restoring", "prefilling", "decoding", "scoring pairs", "compressing", "storing"} <= set(seen)
+    assert all(t["scoring pairs"] > 0 and t["compressing"] > 0 for t in timings)
+    assert not {"turn", "_restore", "_forward", "_sample", "put"} & (set(vars(engine)) | set(vars(engine.store)))
+    assert engine.policy is policy and "build" not in vars(policy)
+
+
+def _stdout(monkeypatch) -> io.StringIO:
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buf)
+    return buf
+
+
+def test_chat_streams_its_reply_and_says_when_it_was_cut(tiny_model, monkeypatch):
+    """The reply is on stdout before the turn's state is stored (streamed, not printed after), and a
+    reply that hit --max-new-tokens says so."""
+    out = _stdout(monkeypatch)
+    at_put: list[str] = []
+    real_build = cli.build_engine
+
+    def build(args, **kw):
+        engine = real_build(args, **kw)
+        put = engine.store.put
+
+        def spy(key, state):
+            at_put.append(out.getvalue())
+            return put(key, state)
+
+        engine.store.put = spy
+        return engine
+
+    monkeypatch.setattr(cli, "build_engine", build)
+    _inputs(monkeypatch, ["hello", ""])
+    assert cli.main(["chat", "--device", "cpu", "--max-new-tokens", "4", "--no-progress"]) == 0
+    text = out.getvalue()
+    reply = text.split("model> ", 1)[1].split("\n", 1)[0]
+    assert len(at_put) == 1 and f"model> {reply}" in at_put[0]  # streamed before the offload
+    assert "[cut: the reply reached --max-new-tokens 4" in text
+
+
+def test_chat_says_nothing_of_a_reply_that_ended(tiny_model, monkeypatch):
+    """A reply that ends (an end-of-turn token) within the limit is not called cut."""
+    out = _stdout(monkeypatch)
+    real_build = cli.build_engine
+
+    def build(args, **kw):
+        engine = real_build(args, **kw)
+        sample, eos = engine._sample, min(engine.eos_ids)
+        calls = []
+
+        def ends_early(logits):
+            calls.append(1)
+            return eos if len(calls) % 3 == 0 else sample(logits)
+
+        engine._sample = ends_early
+        return engine
+
+    monkeypatch.setattr(cli, "build_engine", build)
+    _inputs(monkeypatch, ["hello", ""])
+    assert cli.main(["chat", "--device", "cpu", "--max-new-tokens", "8", "--no-progress"]) == 0
+    assert "model> " in out.getvalue() and "cut" not in out.getvalue()
