@@ -286,8 +286,8 @@ def with_full_load(summary: dict, full_load: dict, n_cached: int, n_boot: int = 
 def describe(summary: dict) -> str:
     """One line for a reader: the policy's nll, full-load's, the ratio and its paired interval."""
     if summary.get("nll") is None or summary.get("nll_ratio_to_full_load") is None:
-        return (f"{summary['policy']}: no nll (no real replies scored"
-                + ("; MT-Bench has none" if summary.get("n_scored_tokens") else "") + ")")
+        return (f"{summary['policy']}: no nll and no ratio to full-load: no real reply was scored (MT-Bench "
+                "has none, --history model scores none, and a first turn has no restored history)")
     lo, hi = summary["nll_ratio_ci95"]
     return (f"{summary['policy']}: nll {summary['nll']:.4f}, full-load {summary['full_load_nll']:.4f}, "
             f"ratio {summary['nll_ratio_to_full_load']:.4f} (95% paired bootstrap over "
