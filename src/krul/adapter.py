@@ -100,8 +100,15 @@ class ModelAdapter:
 
     @staticmethod
     def crop(cache, n_keep: int) -> None:
-        """Keep the first `n_keep` tokens of every layer (crop's sign convention changed in 5.x)."""
+        """Keep the first `n_keep` positions of every layer (crop's sign convention changed in 5.x).
+
+        A `BufferLayer` holding an evicted history (`BufferLayer.hold_evicted`) keeps its history
+        slots and the new tokens at positions < `n_keep` (`n_keep` below its history's length is an
+        error: which evicted slots to keep would differ per head)."""
         for layer in cache.layers:
+            if isinstance(layer, BufferLayer) and layer.n_dropped:
+                layer.crop(int(n_keep))
+                continue
             if layer.keys is not None and layer.keys.shape[-2] > n_keep:
                 layer.keys = layer.keys[..., :n_keep, :]
                 layer.values = layer.values[..., :n_keep, :]
@@ -112,10 +119,58 @@ class ModelAdapter:
         """One forward over new tokens on top of `cache` (updated in place).
 
         input_ids : (1, q) ; returns logits (1, q or logits_to_keep, vocab) in float32.
+        A cache holding an evicted history (`BufferCache.evicted`) runs through `forward_evicted`.
         """
+        if getattr(cache, "evicted", False):
+            return self.forward_evicted(input_ids, cache, logits_to_keep)
         out = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
                          logits_to_keep=logits_to_keep)
         return out.logits.float()
+
+    @torch.inference_mode()
+    def forward_evicted(self, input_ids: torch.Tensor, cache: "BufferCache", logits_to_keep: int = 0) -> torch.Tensor:
+        """`forward` over a cache whose layers hold an evicted history (H2O, `krul.h2o`): layer l holds
+        s_l of the history's H positions (any subset, per KV head; keys stored rotated at their true
+        positions), so the KV length differs per layer and from the position counter.
+
+        The new tokens get their true positions H + i (rotary), and each decoder layer its own causal
+        mask over its own KV: every held history slot is visible to every new query, new token j to
+        queries i >= j. transformers builds one mask per forward from layer 0's sizes, which cannot
+        be right for layers of other lengths, so the decoder layers are run one by one here (the
+        model's own `forward` is embed -> rotary -> layers -> norm for the supported families) with
+        an additive mask each (None for one query: it sees everything). Under `capture_attention`
+        the capturing attention receives these masks.
+
+        input_ids : (1, q) ; returns logits (1, q or logits_to_keep, vocab) in float32.
+        """
+        if self.attn_implementation == "flash_attention_2" or self.attn_implementation == "flash_attention_3":
+            raise AdapterError("an evicted cache needs per-layer 4D masks: load the model with sdpa or eager")
+        inner = self.model.model
+        ids = input_ids.to(self.device)
+        n_q = ids.shape[1]
+        seen = {layer.get_seq_length() for layer in cache.layers}
+        if len(seen) != 1:
+            raise ValueError(f"the cache's layers have seen different numbers of positions: {sorted(seen)}")
+        first = seen.pop()
+        positions = torch.arange(first, first + n_q, device=self.device)[None]
+        hidden = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(hidden, position_ids=positions)
+        rows = torch.arange(n_q, device=self.device)[:, None]
+        for layer_idx, decoder_layer in enumerate(inner.layers[:self.n_layers]):
+            mask = None
+            if n_q > 1:  # physical slot j is visible to query i iff j <= held + i
+                held = cache.layers[layer_idx].length
+                cols = torch.arange(held + n_q, device=self.device)[None, :]
+                mask = torch.zeros((n_q, held + n_q), dtype=self.dtype, device=self.device).masked_fill(
+                    cols > rows + held, torch.finfo(self.dtype).min)[None, None]
+            hidden = decoder_layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                   use_cache=True, position_embeddings=(cos, sin))
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        hidden = inner.norm(hidden)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.model.lm_head(hidden).float()
 
     def _causal_mask(self, n: int) -> torch.Tensor | None:
         """Mask for a full causal self-attention over n tokens; SDPA/flash take None (is_causal)."""
@@ -301,9 +356,50 @@ class BufferLayer(DynamicLayer):
         self.grow = grow
         self.length = 0
         self.pending: list = []  # CUDA events the layer's restored tokens wait on (per-layer join)
+        # an evicted history (`hold_evicted`): slots [0, s) hold s of the first `n_history` positions
+        self.n_history = 0
+        self.history_positions: torch.Tensor | None = None  # (groups, s) int64, per KV head (or 1)
+        self.history_scores: torch.Tensor | None = None  # (groups, s) float32, what the state carried
         super().__init__()
         self.dtype, self.device = keys_buf.dtype, keys_buf.device
         self.is_initialized = True
+
+    # -- an evicted history (H2O, `krul.h2o`) ---------------------------------------------------
+    # Invariant: slots [0, s) hold history positions `history_positions` (< n_history, rotated at
+    # those positions); slot s + i holds position n_history + i. So the layer has seen
+    # length + n_dropped positions, and `get_seq_length`/`get_mask_sizes` say so as transformers'
+    # sliding-window layers do (position counter, kv_offset) while `length` is the KV held.
+    def hold_evicted(self, n_history: int, positions: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Declare slots [0, s) to hold the history positions `positions` (groups, s) of a history of
+        `n_history` positions (`scores`: their carried H2O scores, (groups, s)); sets length s."""
+        positions = positions.to(self._k_buf.device, torch.int64)
+        s = positions.shape[-1]
+        if s > n_history or positions.dim() != 2:
+            raise ValueError(f"{tuple(positions.shape)} history positions for a history of {n_history}")
+        self.n_history, self.history_positions = int(n_history), positions
+        self.history_scores = None if scores is None else scores.to(self._k_buf.device, torch.float32)
+        self.length = s
+
+    def clear_evicted(self) -> None:
+        self.n_history, self.history_positions, self.history_scores = 0, None, None
+
+    @property
+    def n_dropped(self) -> int:
+        """History positions this layer does not hold (0 unless it holds an evicted history)."""
+        if self.history_positions is None:
+            return 0
+        return self.n_history - self.history_positions.shape[-1]
+
+    def positions(self) -> torch.Tensor:
+        """(groups, length) int64: the position each held slot stands for (groups = 1 unless the layer
+        holds an evicted history chosen per KV head)."""
+        dev = self._k_buf.device
+        if self.history_positions is None:
+            return torch.arange(self.length, device=dev)[None]
+        hist = self.history_positions
+        s = hist.shape[-1]
+        new = torch.arange(self.n_history, self.n_history + self.length - s, device=dev)
+        return torch.cat([hist, new[None].expand(hist.shape[0], -1)], dim=1)
 
     # the views the rest of transformers reads
     def join(self) -> None:
@@ -379,12 +475,13 @@ class BufferLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self, *args) -> int:
-        return self.length
+        """Positions seen: the tokens held, plus the evicted history positions not held."""
+        return self.length + self.n_dropped
 
     def get_mask_sizes(self, query_length=None, *args) -> tuple[int, int]:
         """(kv_length, kv_offset); older transformers pass `cache_position` (a tensor) instead."""
         q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length or 0)
-        return self.length + q, 0
+        return self.length + q, self.n_dropped
 
     def get_max_length(self) -> int:
         return -1
@@ -393,10 +490,17 @@ class BufferLayer(DynamicLayer):
         return -1
 
     def crop(self, max_length: int) -> None:
-        self.length = max(0, self.length + max_length) if max_length < 0 else min(self.length, max_length)
+        """Keep the first `max_length` positions (negative: drop that many of the newest)."""
+        seen = self.get_seq_length()
+        n_keep = max(0, seen + max_length) if max_length < 0 else min(seen, max_length)
+        if self.n_dropped and n_keep < self.n_history:
+            raise ValueError(f"cannot crop to {n_keep} positions inside an evicted history of "
+                             f"{self.n_history}: recompute the history instead")
+        self.length = n_keep - self.n_dropped
 
     def reset(self) -> None:
         self.length = 0
+        self.clear_evicted()
 
     def offload(self):
         raise NotImplementedError("BufferCache layers live in preallocated device buffers; offload "
@@ -444,11 +548,22 @@ class BufferCache(Cache):
         return self.layers[0].capacity
 
     def set_length(self, n_tokens: int) -> None:
-        """Declare every layer to hold `n_tokens` tokens (the buffers are not touched)."""
-        if not 0 <= n_tokens <= self.capacity:
-            raise ValueError(f"length {n_tokens} outside [0, {self.capacity}]")
+        """Declare every layer to have seen `n_tokens` positions (the buffers are not touched): it
+        holds them all, or, holding an evicted history, `n_tokens` minus the positions it dropped."""
         for layer in self.layers:
-            layer.length = int(n_tokens)
+            held = int(n_tokens) - layer.n_dropped
+            if not 0 <= held <= self.capacity:
+                raise ValueError(f"length {n_tokens} (held {held}) outside [0, {self.capacity}]")
+            layer.length = held
+
+    @property
+    def evicted(self) -> bool:
+        """Whether a layer holds an evicted history (its KV length differs from its positions)."""
+        return any(layer.n_dropped for layer in self.layers)
+
+    def clear_evicted(self) -> None:
+        for layer in self.layers:
+            layer.clear_evicted()
 
     def join(self) -> None:
         """Make the current stream wait for every layer's pending restore (see `restore_into`)."""

@@ -16,6 +16,13 @@ Timing: a turn's `restore_s` (and `ttft_s`) covers everything between the store 
 cache: for the disk tier, opening the state file (checksummed header, token ids) and streaming and
 verifying its body (`restore.DiskSource`, as the bench does), not a `get` done before the clock.
 
+Eviction (H2O, `policies.H2OPolicy`): a policy whose `scores_attention` is true gets every forward
+of the turn run through `h2o.AttentionScores` (attention captured, summed per held token), seeded at
+the restore with the scores the state carried; its offload evicts with them. A restored evicted
+history holds fewer tokens than its positions: the new input and the decoded tokens get their true
+positions (`ModelAdapter.forward_evicted`), and a turn whose re-tokenised boundary falls inside such a
+history (it cannot be cropped there) recomputes the history as a fallback does.
+
 The engine knows nothing about file paths, plotting or where conversations come from.
 """
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from krul.adapter import BufferCache, ModelAdapter
+from krul.h2o import AttentionScores
 from krul.policies import RestorePolicy, get_policy
 from krul.restore import DiskSource, OpenedFile, restore_cache, restore_into
 from krul.store import DiskStore, KVStore, MissingStateError, StoreError
@@ -149,6 +157,16 @@ class Engine:
         self.history = history
         self.estimator = estimator
         self.rates = rates
+        self.scorer: AttentionScores | None = None  # H2O's attention sums (created when the policy needs them)
+        if getattr(self.policy, "scores_attention", False):
+            if estimator is not None:
+                raise EngineError(f"policy {self.policy.name!r} captures attention for its own scores; run it "
+                                  "without the attention estimator")
+            if isinstance(store, DiskStore) or getattr(store, "pack", False) or hasattr(store, "take_active"):
+                raise EngineError(f"policy {self.policy.name!r} stores evicted layers (method 'evicted'), which "
+                                  f"the {store.tier} tier cannot store yet (store.py does not know the method; "
+                                  "a tiered store's active tier would keep the unevicted cache); use the "
+                                  "pageable tier")
         # conversation id -> per-turn SimilarityStats recorded by an earlier full-KV pass with the
         # estimator (calibration and figure runs reuse one base pass across policies)
         self.recorded_stats: dict | None = None
@@ -195,8 +213,20 @@ class Engine:
         turns = self.recorded_pair_losses.get(conversation_id)
         return turns[min(self._turn_idx, len(turns) - 1)] if turns else None
 
+    def _scores(self) -> AttentionScores | None:
+        """The attention sums the policy evicts with, or None when it needs none."""
+        if not getattr(self.policy, "scores_attention", False):
+            return None
+        if self.scorer is None:
+            self.scorer = AttentionScores(self.adapter)
+        return self.scorer
+
     def _forward(self, conversation_id: str, input_ids: torch.Tensor, cache, logits_to_keep: int = 0):
-        """A forward of new tokens; through the attention estimator when the policy needs one."""
+        """A forward of new tokens; through the attention estimator when the policy needs one, or
+        the attention scores (H2O) when it evicts with them."""
+        scorer = self._scores()
+        if scorer is not None:
+            return scorer.forward(conversation_id, input_ids, cache, logits_to_keep=logits_to_keep)
         if self.estimator is not None:
             return self.estimator.forward(conversation_id, input_ids, cache, logits_to_keep=logits_to_keep)
         return self.adapter.forward(input_ids, cache, logits_to_keep=logits_to_keep)
@@ -238,10 +268,18 @@ class Engine:
         if state is not None:
             hist = state.token_ids.tolist()
             keep = min(_common_prefix(hist, ctx_ids), len(ctx_ids) - 1)
-            if keep < len(hist):  # re-tokenisation changed the boundary: drop the tail, exact anyway
+            if keep < len(hist) and getattr(cache, "evicted", False):  # an evicted history cannot be cropped: recompute it
+                exc = StoreError(f"the restored history of {len(hist)} tokens holds evicted positions and the "
+                                 f"turn's tokens leave it at {keep}; recomputed from the messages")
+                fallback = self._fall_back(conversation_id, turn_idx, exc)
+                state, cache, report, keep = None, BufferCache.for_adapter(adapter, capacity, grow=True), None, 0
+            elif keep < len(hist):  # re-tokenisation changed the boundary: drop the tail, exact anyway
                 adapter.crop(cache, keep)
         else:
             cache, keep = BufferCache.for_adapter(adapter, capacity, grow=True), 0
+        scorer = self._scores()
+        if scorer is not None:  # the sums start from what the restored (evicted) history carried
+            scorer.begin(conversation_id, cache)
         restore_s = time.perf_counter() - t_start
 
         # 2. prefill the new input, first token
@@ -293,6 +331,8 @@ class Engine:
                 fallback = self._fall_back(conversation_id, turn_idx, exc, before_turn=False)
                 state = None
         offloaded = self.policy.offload(self, conversation_id, end_ids, cache, state)
+        if scorer is not None:
+            scorer.reset(conversation_id)
         if offloaded and hasattr(self.store, "keep_active"):  # store.TieredStore: the live cache may stay
             self.store.keep_active(conversation_id, cache)  # where the model runs (its active tier)
         del cache

@@ -491,3 +491,65 @@ def get_policy(name: str, recompute_ratio: float | None = None, model: str | Non
             raise PolicyError(f"--recompute-ratio must be in [0, 1], got {recompute_ratio}")
         policy = policy.with_params(split="fixed", recompute_ratio=recompute_ratio)
     return policy
+
+
+# -- H2O (issue 19, item 4): heavy-hitter eviction of the stored KV ------------------------------
+@dataclass(frozen=True)
+class H2OPolicy(RestorePolicy):
+    """H2O (Zhang et al., NeurIPS'23, arXiv 2306.14048) as a restore policy: at each offload every
+    layer keeps, per KV head, its share of `budget_ratio` of the history's full KV bytes (storage
+    bytes, `pricing.storage_nbytes`: kept K and V plus the int32 kept positions and their scores):
+    the `recent_ratio` most recent tokens and the heaviest hitters of accumulated attention
+    (`h2o.AttentionScores`, over every forward of the conversation); the rest is dropped, and the
+    restore loads what was kept (nothing is recomputed). Later turns evict again: the union of the
+    kept (restored) tokens and the new turn's is re-scored and evicted to the new history's budget,
+    the stored items rebuilt (the named exception to "a stored item is never compressed again").
+    `budget_ratio` >= 1 keeps everything: the state full-load stores (no index, no scores, no
+    attention capture), the same logits. See `krul.h2o`.
+    """
+
+    budget_ratio: float = 0.5
+    recent_ratio: float = 0.5  # H2O: half recent, half heavy hitters
+    score_heads: str = "kv"  # "kv": each KV head keeps its own tokens (H2O); "layer": one set per layer
+
+    @property
+    def scores_attention(self) -> bool:
+        """Whether the engine must accumulate attention scores (`h2o.AttentionScores`) for this policy."""
+        return self.budget_ratio < 1.0
+
+    def offload(self, engine, conversation_id: str, token_ids: list[int], cache,
+                previous: StoredState | None) -> int:
+        from krul import h2o
+
+        if not 0.0 < self.budget_ratio:
+            raise PolicyError(f"policy {self.name!r}: budget_ratio must be > 0; got {self.budget_ratio}")
+        if not 0.0 <= self.recent_ratio <= 1.0:
+            raise PolicyError(f"policy {self.name!r}: recent_ratio must be in [0, 1]; got {self.recent_ratio}")
+        if self.recompute_ratio or self.split not in ("load", "fixed"):
+            raise PolicyError(f"policy {self.name!r} loads what it keeps; it has no recompute split "
+                              f"(got split {self.split!r}, recompute_ratio {self.recompute_ratio})")
+        meta = {"policy": self.name, "plan": {}, "predicted": {}}
+        if not self.scores_attention:  # everything kept: what full-load stores
+            state = build_state(engine.adapter.fingerprint(), torch.tensor(token_ids),
+                                engine.adapter.kv_from_cache(cache), (0,) * engine.adapter.n_layers, previous,
+                                meta=meta)
+            return engine.store.put(conversation_id, state)
+        scores = engine.scorer.scores(conversation_id, cache)
+        state = h2o.evict_state(engine.adapter.fingerprint(), torch.tensor(token_ids), cache, scores,
+                                self.budget_ratio, self.recent_ratio, self.score_heads, meta)
+        return engine.store.put(conversation_id, state)
+
+
+def with_budget(policy: "H2OPolicy", budget_ratio: float) -> "H2OPolicy":
+    """An h2o policy keeping `budget_ratio` (in (0, 1]; 1 = everything) of each history's full KV
+    bytes; its storage ratio (`pricing.storage_ratio`) is then about 1 / budget_ratio."""
+    if not isinstance(policy, H2OPolicy):
+        raise PolicyError(f"policy {policy.name!r} is not an eviction policy; with_budget is for h2o")
+    if not 0.0 < budget_ratio <= 1.0:
+        raise PolicyError(f"budget_ratio must be in (0, 1]; got {budget_ratio}")
+    return policy.with_params(budget_ratio=float(budget_ratio))
+
+
+POLICIES["h2o"] = H2OPolicy(
+    "h2o", "H2O (Zhang et al., NeurIPS'23, arXiv 2306.14048): heavy-hitter eviction, half recent, half "
+    "heavy, per KV head; stored at budget_ratio of the full KV, loaded (nothing recomputed)", split="load")

@@ -264,3 +264,14 @@ class PlanPricing:
     def bytes_per_token(self) -> float:
         """The whole history's stored bytes per token (all layers): the bound's b."""
         return self.total_bytes() / self.n_tokens if self.n_tokens else 0.0
+
+
+def evicted_nbytes(n_kept: int, n_kv_heads: int, head_dim: int, groups: int | None = None,
+                   elem_bytes: int = STORAGE_ELEM_BYTES, index_bytes: int = 4) -> int:
+    """Storage bytes of one H2O layer (`h2o.EvictedLayer`) keeping `n_kept` tokens per KV head:
+    K and V (2 h n d `elem_bytes`), the kept positions (g n `index_bytes`: int32) and their carried
+    scores (g n `elem_bytes`), with g = `groups` (h when every KV head keeps its own tokens, 1 when
+    the layer keeps one set; default h). Equals `storage_nbytes` of the payload."""
+    h, n = int(n_kv_heads), max(0, int(n_kept))
+    g = h if groups is None else int(groups)
+    return 2 * h * n * int(head_dim) * int(elem_bytes) + g * n * (int(index_bytes) + int(elem_bytes))

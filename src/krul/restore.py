@@ -4,7 +4,9 @@ Given a stored state (a `StoredState` in CPU memory, pinned or pageable, or a `D
 file of `store.DiskStore`, read during the restore) and a model adapter, write every history token's
 KV into preallocated per-layer device buffers (`BufferCache`): layer l's tokens [0:L_l] are
 recomputed (layer by layer on sliced hidden states, `recompute_into`), tokens [L_l:N] are loaded
-(copied to the device and, for compressed pairs, expanded). The two parts of a layer are disjoint
+(copied to the device and, for compressed pairs, expanded; an evicted (H2O) layer's kept tokens go to
+the first slots of its buffer and the layer is told which positions they are,
+`BufferLayer.hold_evicted`, so its KV length is less than the history's). The two parts of a layer are disjoint
 regions of the same buffer, so nothing is concatenated and nothing is copied twice; the model then
 continues from the same `BufferCache` (a transformers `Cache` whose layers write in place).
 The engine's turns and the figures' timings restore through `restore_cache` (a fresh cache sized for
@@ -48,6 +50,7 @@ from typing import Sequence
 
 import torch
 
+from krul import h2o
 from krul.adapter import KV, BufferCache, BufferLayer, ModelAdapter, recompute_into  # noqa: F401 (re-exported)
 from krul.store import (ALIGN, MAGIC, StoredItem, StoredState, StoreError, drop_page_cache,  # noqa: F401
                         packed_layout, payload_from_tensors, check_fingerprint)  # drop_page_cache: re-exported
@@ -344,7 +347,10 @@ def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
     quantized payloads (`quant.QuantizedPayload`, method "quant") dequantize in the KV dtype in their
     own `place` and then place as their inner payload.
     """
-    payload = payload_from_tensors(job.method, tensors, job.extra)
+    if job.method == h2o.METHOD:  # H2O's evicted layers: not a store method (store.py does not know it)
+        payload = h2o.EvictedLayer.from_tensors(tensors, job.extra)
+    else:
+        payload = payload_from_tensors(job.method, tensors, job.extra)
     item = job.item
     outs, skips = [], []
     for layer_idx in item.layers:
@@ -352,8 +358,10 @@ def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
         skips.append(begin - item.start)  # leading segment tokens recomputed, not loaded
         k_buf, v_buf = cache.buffers(layer_idx)
         outs.append((k_buf[:, :, begin:item.end], v_buf[:, :, begin:item.end]) if begin < item.end else None)
-    if job.method != "exact":  # compressed pairs and quantized payloads of any inner method
+    if job.method != "exact":  # compressed pairs, quantized payloads of any inner method, evicted layers
         payload.place(outs, skips)
+        if job.method == h2o.METHOD:  # slots [0, kept) hold the kept positions of the item's [0, end)
+            cache.layers[item.layers[0]].hold_evicted(item.end, payload.positions, payload.scores)
         return
     for out, skip, kv in zip(outs, skips, payload.expand()):
         if out is not None:
@@ -753,6 +761,7 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
     if join not in ("end", "layer"):
         raise ValueError(f"join must be 'end' or 'layer', not {join!r}")
     cache.join()  # a previous per-layer restore into these buffers must be complete first
+    cache.clear_evicted()  # what a previous restore declared; an evicted state's placements declare anew
     clock = _Clock(device, timeline)
     t_start = clock.t0
     opened = None
@@ -857,7 +866,7 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
         for t in loader.threads:
             t.join()
         raise
-    cache.set_length(n)
+    cache.set_length(n)  # n positions: all held, or for an evicted (h2o) layer its kept slots
     report.restore_s = time.perf_counter() - t_start
     report.join = "layer" if layer_join else "end"
 

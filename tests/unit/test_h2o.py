@@ -1,0 +1,282 @@
+"""H2O eviction (policy "h2o", `krul.h2o`) on a tiny random chat model (CPU): the budget and its byte
+accounting, the selection, the restore of a history with positions left out (against a full-KV forward
+that masks the dropped tokens per layer and KV head), re-eviction over turns, and the engine's refusals."""
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from krul import h2o
+from krul.adapter import BufferCache
+from krul.engine import Engine, EngineError
+from krul.estimator import AttentionEstimator
+from krul.policies import PolicyError, get_policy, with_budget
+from krul.pricing import evicted_nbytes, full_storage_bytes, state_storage_bytes, storage_nbytes, storage_ratio
+from krul.restore import restore_cache
+from krul.store import DiskStore, make_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TURNS = [("Hello there, who are you?", "I am a small model."),
+         ("Tell me about the sea.", "It is large and wet."),
+         ("And the sky?", "Blue, mostly."),
+         ("Thanks!", "You are welcome.")]
+N_NEW = 5
+
+
+def _run(engine, conv_id="c", turns=TURNS, states=None):
+    """Teacher-forced turns; `states` (a list) collects the stored state after each turn."""
+    history, out = [], []
+    for i, (user, reply) in enumerate(turns):
+        msg = {"role": "user", "content": user}
+        out.append(engine.turn(conv_id, i, history, msg, reply=reply))
+        if states is not None:
+            states.append(engine.store.get(conv_id))
+        history = history + [msg, {"role": "assistant", "content": reply}]
+    return out
+
+
+def _h2o(budget, **params):
+    return with_budget(get_policy("h2o"), budget).with_params(**params)
+
+
+# -- bytes and budget ----------------------------------------------------------------------------
+@pytest.mark.parametrize("groups", [3, 1])
+def test_evicted_nbytes_equals_storage_nbytes(groups):
+    """pricing.evicted_nbytes counts an EvictedLayer exactly as storage_nbytes does (KV at 2 bytes,
+    int32 positions at 4, scores at 2), in fp32 and bf16 alike."""
+    for dtype in (torch.float32, torch.bfloat16):
+        payload = h2o.EvictedLayer(torch.zeros(1, 3, 17, 8, dtype=dtype), torch.zeros(1, 3, 17, 8, dtype=dtype),
+                                   torch.zeros(groups, 17, dtype=torch.int32), torch.zeros(groups, 17, dtype=dtype))
+        assert storage_nbytes(payload) == evicted_nbytes(17, 3, 8, groups=groups)
+    assert evicted_nbytes(17, 3, 8, groups=groups) == 2 * 3 * 17 * 8 * 2 + groups * 17 * (4 + 2)
+
+
+@pytest.mark.parametrize("score_heads", ["kv", "layer"])
+def test_allocation_is_within_one_token_layer_of_the_budget(score_heads):
+    """For any budget below the full KV, the kept token-layers cost at most the budget and less than one
+    token-layer under it; layers differ by at most one token."""
+    heads, dim, layers = 2, 16, 5
+    per = h2o.token_layer_nbytes(heads, dim, score_heads)
+    for n in (1, 7, 100, 333):
+        full = full_storage_bytes(n, layers, heads, dim)
+        for ratio in (0.01, 0.1, 0.33, 0.5, 0.77, 0.99):
+            budget = h2o.budget_nbytes(ratio, n, layers, heads, dim)
+            kept = h2o.allocate(budget, n, layers, heads, dim, score_heads)
+            cost = sum(evicted_nbytes(k, heads, dim, groups=heads if score_heads == "kv" else 1) for k in kept)
+            assert cost <= budget < cost + per and budget < full
+            assert max(kept) - min(kept) <= 1 and max(kept) <= n
+
+
+def test_select_keeps_the_recent_half_and_the_heaviest_rest():
+    """select: the round(recent_ratio * k) newest positions, then the highest scores of the others,
+    per group, sorted by position."""
+    positions = torch.tensor([[5, 0, 1, 2, 3, 4, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]])
+    scores = torch.tensor([[9., 8., 0., 7., 1., 2., 0., 0.], [0., 1., 0., 3., 2., 0., 0., 5.]])
+    idx = h2o.select(positions, scores, 4, recent_ratio=0.5)
+    assert positions.gather(1, idx).tolist() == [[0, 5, 6, 7], [3, 4, 6, 7]]  # group 1: heavy 7 is recent
+    assert h2o.select(positions, scores, 8).tolist() == positions.argsort(dim=1).tolist()
+    assert positions.gather(1, h2o.select(positions, scores, 2, recent_ratio=0.0)).tolist() == [[0, 5], [3, 7]]
+
+
+# -- the engine --------------------------------------------------------------------------------
+def test_full_budget_is_full_load(tiny_chat):
+    """budget_ratio = 1 keeps everything: the same generated tokens and reply nll, bit for bit, as
+    full-load over four turns, and the same stored bytes."""
+    ref = _run(Engine(tiny_chat, "full-load", make_store("pageable"), max_new_tokens=N_NEW))
+    got = _run(Engine(tiny_chat, _h2o(1.0), make_store("pageable"), max_new_tokens=N_NEW))
+    assert [r.generated_ids for r in got] == [r.generated_ids for r in ref]
+    assert [r.reply_token_nll for r in got] == [r.reply_token_nll for r in ref]
+    assert [r.offloaded_bytes for r in got] == [r.offloaded_bytes for r in ref]
+
+
+@pytest.fixture(scope="module")
+def evicted_runs(tiny_chat):
+    """budget -> (results, stored states) of four turns of h2o (per KV head) and h2o-layer at 0.4."""
+    out = {}
+    for key, policy in {"kv": _h2o(0.4), "layer": _h2o(0.4, score_heads="layer"), "small": _h2o(0.15)}.items():
+        states = []
+        results = _run(Engine(tiny_chat, policy, make_store("pageable"), max_new_tokens=N_NEW), states=states)
+        out[key] = (policy, results, states)
+    return out
+
+
+@pytest.mark.parametrize("key", ["kv", "layer", "small"])
+def test_stored_bytes_within_budget_and_counted_exactly(tiny_chat, evicted_runs, key):
+    """Every stored state costs at most budget_ratio of its history's full KV and less than one
+    token-layer under it (storage bytes, index and scores counted); state_storage_bytes equals the
+    per-layer formula and storage_ratio is full / stored; layers differ by at most one token."""
+    policy, _, states = evicted_runs[key]
+    heads, dim, layers = tiny_chat.n_kv_heads, tiny_chat.head_dim, tiny_chat.n_layers
+    groups = heads if policy.score_heads == "kv" else 1
+    per = h2o.token_layer_nbytes(heads, dim, policy.score_heads)
+    for state in states:
+        budget = h2o.budget_nbytes(policy.budget_ratio, state.n_tokens, layers, heads, dim)
+        kept = [item.payload.n_tokens() for item in sorted(state.items, key=lambda it: it.layers)]
+        stored = state_storage_bytes(state)
+        assert stored == sum(evicted_nbytes(k, heads, dim, groups=groups) for k in kept)
+        assert stored <= budget < stored + per
+        assert max(kept) - min(kept) <= 1
+        assert storage_ratio(state) == full_storage_bytes(state.n_tokens, layers, heads, dim) / stored
+        for item in state.items:
+            assert item.payload.positions.dtype == torch.int32 and item.payload.positions.shape[0] == groups
+            assert state.kv_bytes() == sum(it.payload.nbytes() for it in state.items)
+
+
+def test_later_turns_re_evict_the_union(evicted_runs):
+    """Each turn's kept positions come from the previous turn's kept positions or the new turn's tokens,
+    the newest tokens are kept (the recent half), and every layer keeps its allocation."""
+    _, results, states = evicted_runs["kv"]
+    for prev, state in zip(states, states[1:]):
+        for item_prev, item in zip(sorted(prev.items, key=lambda it: it.layers),
+                                   sorted(state.items, key=lambda it: it.layers)):
+            old = item_prev.payload.positions.long()
+            for g, row in enumerate(item.payload.positions.long()):
+                allowed = set(old[g].tolist()) | set(range(prev.n_tokens, state.n_tokens))
+                assert set(row.tolist()) <= allowed
+                assert row.tolist() == sorted(row.tolist())
+                assert state.n_tokens - 1 in row.tolist()
+    assert all(r.history_tokens > 0 for r in results[1:]) and not any(r.fallback for r in results)
+
+
+# -- restore with positions left out, against masked full-KV attention --------------------------
+_REF = "krul_test_h2o_reference"
+_KEPT: dict = {}  # layer_idx -> (kv_heads, n_history) bool: history tokens the reference may attend to
+
+
+def _reference_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa over the full KV with the history tokens the state dropped masked out, per KV head."""
+    kept = _KEPT[module.layer_idx]
+    n_rep = query.shape[1] // kept.shape[0]
+    visible = torch.ones(query.shape[1], key.shape[-2], dtype=torch.bool)
+    visible[:, :kept.shape[1]] = kept.repeat_interleave(n_rep, dim=0)
+    q, k = query.shape[-2], key.shape[-2]
+    causal = torch.ones(q, k, dtype=torch.bool).tril(diagonal=k - q)
+    mask = visible[None, :, None, :] & causal[None, None]
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+def _reference_cache(state, n_kv_heads: int) -> DynamicCache:
+    """The history's KV at its true positions as the state stores it: each kept token's stored K/V at its
+    position (per KV head), every dropped position filled with large noise (the mask must hide it)."""
+    noise = torch.Generator().manual_seed(0)
+    layers = []
+    for item in sorted(state.items, key=lambda it: it.layers):
+        p = item.payload
+        pos = p.positions.long().expand(n_kv_heads, -1)
+        shape = p.keys.shape[:2] + (state.n_tokens,) + p.keys.shape[3:]
+        kv = []
+        for stored in (p.keys, p.values):
+            full = 100 * torch.randn(shape, generator=noise, dtype=stored.dtype)
+            full[0].scatter_(1, pos[..., None].expand(-1, -1, shape[-1]), stored[0])
+            kv.append(full)
+        layers.append(tuple(kv))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _kept_masks(state) -> dict:
+    out = {}
+    for item in state.items:
+        pos = item.payload.positions.long()
+        mask = torch.zeros(pos.shape[0], state.n_tokens, dtype=torch.bool)
+        mask.scatter_(1, pos, True)
+        out[item.layers[0]] = mask
+    return out
+
+
+def _greedy(adapter, cache, ids, steps):
+    logits = [adapter.forward(ids, cache)[0]]
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(logits[-1][-1].argmax()))
+        logits.append(adapter.forward(torch.tensor([[tokens[-1]]]), cache)[0])
+    return tokens, logits
+
+
+@pytest.mark.parametrize("key", ["kv", "layer", "small"])
+@pytest.mark.parametrize("turn", [0, 2])
+def test_restore_with_left_out_positions_is_masked_attention(tiny_chat, evicted_runs, key, turn):
+    """The next turn's prefill over a restored evicted state, and 8 greedy steps after it, give the logits
+    of a plain forward over the history's KV at its true positions (the stored tokens scattered there,
+    noise at the dropped ones) whose attention masks exactly the dropped tokens per layer and KV head;
+    the whole history recomputed gives other logits (the eviction matters)."""
+    _, _, states = evicted_runs[key]
+    state = states[turn]
+    adapter, n = tiny_chat, states[turn].n_tokens
+    new_ids = torch.tensor([tiny_chat.tokenizer.encode("<|im_start|>user\nWhat now, then?<|im_end|>\n")])
+    cache, _ = restore_cache(adapter, state, extra_tokens=64, grow=True)
+    assert cache.evicted and {layer.get_seq_length() for layer in cache.layers} == {n}
+    tokens, logits = _greedy(adapter, cache, new_ids, 8)
+    assert all(layer.get_seq_length() == n + new_ids.shape[1] + 8 for layer in cache.layers)
+
+    full = _reference_cache(state, adapter.n_kv_heads)
+    AttentionInterface.register(_REF, _reference_attention)
+    AttentionMaskInterface.register(_REF, sdpa_mask)
+    _KEPT.clear()
+    _KEPT.update(_kept_masks(state))
+    with adapter.attention_implementation(_REF):
+        ref_tokens, ref_logits = _greedy(adapter, full, new_ids, 8)
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    recomputed = DynamicCache()  # the whole history, nothing evicted: the eviction changes the logits
+    adapter.forward(state.token_ids[None], recomputed)
+    assert (logits[0] - adapter.forward(new_ids, recomputed)[0]).abs().max() > 1e-3
+
+
+def test_engine_next_turn_matches_masked_attention(tiny_chat, evicted_runs):
+    """Through the engine (restore, prefill, teacher-forced reply, attention captured): turn 3's reply
+    nll equals the masked reference's on the same tokens."""
+    policy, results, states = evicted_runs["kv"]
+    engine = Engine(tiny_chat, policy, make_store("pageable"), max_new_tokens=1)
+    history = [m for u, r in TURNS[:3] for m in ({"role": "user", "content": u}, {"role": "assistant", "content": r})]
+    ctx = engine.render(history + [{"role": "user", "content": TURNS[3][0]}], add_generation_prompt=True)
+    end = engine.render(history + [{"role": "user", "content": TURNS[3][0]},
+                                   {"role": "assistant", "content": TURNS[3][1]}], add_generation_prompt=False)
+    state = states[2]
+    assert ctx[:state.n_tokens] == state.token_ids.tolist()
+    full = _reference_cache(state, tiny_chat.n_kv_heads)
+    AttentionInterface.register(_REF, _reference_attention)
+    AttentionMaskInterface.register(_REF, sdpa_mask)
+    _KEPT.clear()
+    _KEPT.update(_kept_masks(state))
+    with tiny_chat.attention_implementation(_REF):
+        logits = tiny_chat.forward(torch.tensor([end[state.n_tokens:]]), full)[0]
+    logp = torch.log_softmax(logits[len(ctx) - state.n_tokens - 1:-1], dim=-1)
+    reply = torch.tensor(end[len(ctx):])
+    nll = -logp.gather(1, reply[:, None])[:, 0]
+    assert results[3].reply_tokens == len(reply)
+    torch.testing.assert_close(torch.tensor(results[3].reply_token_nll), nll, atol=1e-4, rtol=1e-4)
+
+
+# -- the cache and the engine's limits ---------------------------------------------------------
+def test_evicted_layer_positions_and_crop(tiny_chat):
+    """A layer holding s of H history positions reports H + new positions seen, kv_offset H - s, slot
+    positions (held history, then H, H+1, ...), crops by position, and refuses to crop inside the history."""
+    cache = BufferCache.for_adapter(tiny_chat, 32)
+    layer = cache.layers[0]
+    layer.hold_evicted(10, torch.tensor([[0, 3, 7], [1, 2, 9]]))
+    layer.length = 5
+    assert layer.get_seq_length() == 12 and layer.get_mask_sizes(4) == (9, 7) and cache.evicted
+    assert layer.positions().tolist() == [[0, 3, 7, 10, 11], [1, 2, 9, 10, 11]]
+    tiny_chat.crop(cache, 11)
+    assert layer.length == 4 and layer.get_seq_length() == 11
+    with pytest.raises(ValueError, match="inside an evicted history"):
+        layer.crop(9)
+    cache.set_length(10)
+    assert layer.length == 3 and cache.layers[1].length == 10
+
+
+def test_engine_refuses_what_cannot_hold_evicted_states(tiny_chat, tmp_path):
+    """h2o below a full budget is refused with the disk tier and with the attention estimator (the
+    disk format does not know evicted layers yet; capture does not nest); a recompute split is refused."""
+    with pytest.raises(EngineError, match="pageable"):
+        Engine(tiny_chat, _h2o(0.5), DiskStore(tmp_path))
+    with pytest.raises(EngineError, match="estimator"):
+        Engine(tiny_chat, _h2o(0.5), make_store("pageable"), estimator=AttentionEstimator(tiny_chat))
+    Engine(tiny_chat, _h2o(1.0), DiskStore(tmp_path))  # keeps everything: full-load's state
+    with pytest.raises(PolicyError, match="budget_ratio"):
+        with_budget(get_policy("h2o"), 0.0)
+    with pytest.raises(PolicyError, match="recompute"):
+        _run(Engine(tiny_chat, get_policy("h2o", recompute_ratio=0.3), make_store("pageable")), turns=TURNS[:1])
