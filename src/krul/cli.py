@@ -111,12 +111,14 @@ def cmd_replay(args) -> int:
     conversations = _conversations(args)
     engine = build_engine(args)
     bars = ReplayBars(len(conversations), engine.policy.name, enabled=not args.no_progress)
+    timings: list[dict] = []
     try:
         if not args.json:
             bars.write("  ".join(REPLAY_COLS))
         for _, result, phase_s in replay_all(engine, conversations, args.max_turns, bars=bars):
             row = result.to_json()
             row["phase_s"] = phase_s
+            timings.append(phase_s)
             if args.json:
                 bars.write(json.dumps(row))
                 continue
@@ -137,7 +139,28 @@ def cmd_replay(args) -> int:
                            + (f", validating {phase_s['validating']:.2f} s" if "validating" in phase_s else ""))
     finally:
         bars.close()
+    if timings and not args.no_progress:
+        print(f"krul: {phase_summary(timings, engine.adapter.device)}", file=sys.stderr)
     return 0
+
+
+def phase_summary(timings: list[dict], device) -> str:
+    """Where the turns' time went: per phase the median seconds per turn and the range over turns,
+    and the offload's compression cost (scoring pairs + compressing + validating) likewise."""
+    import statistics
+
+    import torch
+
+    def stat(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    phases = [p for p in ("restoring", "prefilling", "decoding", "prefilling reply", "offloading", "scoring pairs",
+                          "compressing", "validating", "storing") if any(p in t for t in timings)]
+    parts = [f"{p} {stat([t.get(p, 0.0) for t in timings])}" for p in phases]
+    compress = [sum(t.get(p, 0.0) for p in ("scoring pairs", "compressing", "validating")) for t in timings]
+    where = f"{device.type}" + (f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else "")
+    return (f"seconds per turn over {len(timings)} turns on {where}, median (min-max): " + ", ".join(parts)
+            + f"; offload compression (scoring pairs + compressing + validating) {stat(compress)}")
 
 
 def _transcript_path(engine, conv_id: str):

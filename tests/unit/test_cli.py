@@ -214,6 +214,8 @@ def test_replay_runs_the_example_and_shows_progress(tiny_model, capsys):
     assert "loading smollm2-135m" in err and "lisbon-trip" in err and "3/3" in err and "1/1" in err
     for phase in ("restoring", "prefilling", "decoding", "prefilling reply", "compressing", "storing"):
         assert phase in err, phase
+    last = err.strip().splitlines()[-1]  # where the time went, per phase, median and range over turns
+    assert last.startswith("krul: seconds per turn over 3 turns on cpu") and "compressing" in last
 
 
 def test_no_progress_is_quiet(tiny_model, capsys):
