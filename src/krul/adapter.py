@@ -7,7 +7,9 @@ runs forwards, recomputes the KV of a prefix layer by layer (the pyramid restore
 writes it into a `BufferCache`, a transformers `Cache` over preallocated per-layer buffers that
 `krul.restore` fills and the model continues from), captures attention through a registered
 attention function, and converts between `DynamicCache` and per-layer `(keys, values)` tuples of
-shape `(batch, kv_heads, tokens, head_dim)`.
+shape `(batch, kv_heads, tokens, head_dim)`. A `BufferLayer` may hold an evicted history (H2O: some
+of the history's positions, per KV head, `hold_evicted`); `forward` then gives the new tokens their
+true positions and each layer its own causal mask (`forward_evicted`).
 """
 from __future__ import annotations
 

@@ -162,11 +162,9 @@ class Engine:
             if estimator is not None:
                 raise EngineError(f"policy {self.policy.name!r} captures attention for its own scores; run it "
                                   "without the attention estimator")
-            if isinstance(store, DiskStore) or getattr(store, "pack", False) or hasattr(store, "take_active"):
-                raise EngineError(f"policy {self.policy.name!r} stores evicted layers (method 'evicted'), which "
-                                  f"the {store.tier} tier cannot store yet (store.py does not know the method; "
-                                  "a tiered store's active tier would keep the unevicted cache); use the "
-                                  "pageable tier")
+            if hasattr(store, "take_active"):
+                raise EngineError(f"policy {self.policy.name!r} evicts at each offload, but a tiered store's active "
+                                  "tier would keep the unevicted live cache; use a single tier (pageable, pinned, disk)")
         # conversation id -> per-turn SimilarityStats recorded by an earlier full-KV pass with the
         # estimator (calibration and figure runs reuse one base pass across policies)
         self.recorded_stats: dict | None = None

@@ -36,7 +36,9 @@ Parameters that are not the paper's fixed choices: `recent_ratio` (H2O: half rec
 `score_heads` ("kv": per KV head, H2O's per-head eviction for GQA models with the group's query heads
 summed; "layer": one set per layer, scores summed over all heads).
 
-This module knows nothing about conversations, stores' tiers or the engine's loop.
+This module knows nothing about conversations, stores or the engine's loop (it does not import the
+store, which reads and validates "evicted" payloads: `store.payload_from_tensors`, `store.parse_header`;
+`policies.H2OPolicy` wraps the evicted layers into a `StoredState`).
 """
 from __future__ import annotations
 
@@ -45,7 +47,6 @@ from dataclasses import dataclass
 import torch
 
 from krul.pricing import evicted_nbytes, full_storage_bytes
-from krul.store import StoredItem, StoredState, StoreError
 
 METHOD = "evicted"
 SCORE_HEADS = ("kv", "layer")
@@ -80,7 +81,7 @@ class EvictedLayer:
     def crop_left(self, start: int) -> "EvictedLayer":
         if start == 0:
             return self
-        raise StoreError("an evicted (h2o) layer cannot be partly recomputed: h2o loads what it keeps")
+        raise ValueError("an evicted (h2o) layer cannot be partly recomputed: h2o loads what it keeps")
 
     def to(self, device, non_blocking: bool = False) -> "EvictedLayer":
         return EvictedLayer(*(t.to(device, non_blocking=non_blocking) for t in
@@ -100,7 +101,7 @@ class EvictedLayer:
         """Write the kept tokens into the first slots of the layer's buffer views `outs[0]`
         ((keys, values) over the item's whole range); `BufferLayer.hold_evicted` declares them."""
         if any(skips):
-            raise StoreError("an evicted (h2o) layer cannot be partly recomputed")
+            raise ValueError("an evicted (h2o) layer cannot be partly recomputed")
         out = outs[0]
         if out is None:
             return
@@ -276,37 +277,50 @@ def evict_layer(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tenso
                         scores.gather(1, idx).to(keys.dtype))
 
 
-def evict_state(fingerprint: dict, token_ids: torch.Tensor, cache, scores, budget_ratio: float,
-                recent_ratio: float = 0.5, score_heads: str = "kv", meta: dict | None = None) -> StoredState:
-    """The state keeping, out of the history `token_ids` held by `cache` (a `BufferCache`: its
-    layers' slots and their positions, `BufferLayer.positions`), each layer's `allocate`d share of
-    `budget_ratio` of the full KV: one `EvictedLayer` item per layer over [0, n_tokens).
+def evict_layers(n_tokens: int, cache, scores, budget_ratio: float, recent_ratio: float = 0.5,
+                 score_heads: str = "kv") -> tuple[list[EvictedLayer], dict]:
+    """Per layer the `EvictedLayer` keeping, out of a history of `n_tokens` positions held by `cache` (a
+    `BufferCache`: its layers' slots and their positions, `BufferLayer.positions`), the layer's
+    `allocate`d share of `budget_ratio` of the full KV; and what was decided (budget, kept counts).
 
     scores : per layer (kv_heads, slots) accumulated attention (`AttentionScores.scores`).
     """
     if not 0.0 < budget_ratio < 1.0:
         raise ValueError(f"budget_ratio must be in (0, 1) to evict; got {budget_ratio}")
-    n = int(token_ids.numel())
+    n = int(n_tokens)
     layers = cache.layers
-    n_layers = len(layers)
     _, heads, _, dim = layers[0].keys.shape
-    budget = budget_nbytes(budget_ratio, n, n_layers, heads, dim)
-    kept = allocate(budget, n, n_layers, heads, dim, score_heads)
-    items = []
+    budget = budget_nbytes(budget_ratio, n, len(layers), heads, dim)
+    kept = allocate(budget, n, len(layers), heads, dim, score_heads)
+    out = []
     for layer_idx, (layer, layer_scores, n_keep) in enumerate(zip(layers, scores, kept)):
         positions = layer.positions()
         if positions.shape[-1] and int(positions.max()) >= n:
             raise ValueError(f"layer {layer_idx} holds position {int(positions.max())} beyond the history of {n}")
-        payload = evict_layer(layer.keys, layer.values, positions, layer_scores, n_keep, recent_ratio, score_heads)
-        items.append(StoredItem((layer_idx,), 0, n, payload))
-    info = {"budget_ratio": budget_ratio, "budget_bytes": budget, "kept": [it.payload.n_tokens() for it in items],
+        out.append(evict_layer(layer.keys, layer.values, positions, layer_scores, n_keep, recent_ratio, score_heads))
+    info = {"budget_ratio": budget_ratio, "budget_bytes": budget, "kept": [p.n_tokens() for p in out],
             "recent_ratio": recent_ratio, "score_heads": score_heads}
-    state = StoredState(fingerprint, token_ids.detach().to("cpu", torch.int64), (0,) * n_layers, items,
-                        {**(meta or {}), "h2o": info})
-    state.check_coverage()
-    return state
+    return out, info
 
 
-def holds_evicted(state: StoredState) -> bool:
+def check_header(keys: list, table: dict, n_range: int) -> str | None:
+    """What is wrong with an evicted item's tensor table (`store.parse_header`), or None: K and V of one
+    4D shape (1, kv_heads, n_kept, head_dim), int32 positions and floating scores of one (groups, n_kept)
+    shape with groups 1 or kv_heads, n_kept at most the item's range."""
+    if keys != sorted(EvictedLayer.__dataclass_fields__.keys() - {"method"}):
+        return f"tensors {keys!r}, expected keys, positions, scores, values"
+    k, v, pos, sc = (table[name] for name in ("keys", "values", "positions", "scores"))
+    if len(k["shape"]) != 4 or k["shape"] != v["shape"] or k["dtype"] != v["dtype"]:
+        return f"keys/values shapes {k['shape']}/{v['shape']} are not one (1, heads, kept, head_dim)"
+    heads, kept = k["shape"][1], k["shape"][2]
+    if pos["dtype"] != "int32" or len(pos["shape"]) != 2 or pos["shape"][0] not in (1, heads) \
+            or pos["shape"][1] != kept or sc["shape"] != pos["shape"]:
+        return f"positions {pos['shape']} ({pos['dtype']}) / scores {sc['shape']} do not index {kept} kept tokens"
+    if kept > n_range:
+        return f"{kept} kept tokens out of a range of {n_range}"
+    return None
+
+
+def holds_evicted(state) -> bool:
     """Whether a state stores evicted (h2o) layers."""
     return any(is_evicted(item.payload) for item in state.items)

@@ -520,6 +520,7 @@ class H2OPolicy(RestorePolicy):
     def offload(self, engine, conversation_id: str, token_ids: list[int], cache,
                 previous: StoredState | None) -> int:
         from krul import h2o
+        from krul.store import StoredItem
 
         if not 0.0 < self.budget_ratio:
             raise PolicyError(f"policy {self.name!r}: budget_ratio must be > 0; got {self.budget_ratio}")
@@ -530,13 +531,20 @@ class H2OPolicy(RestorePolicy):
                               f"(got split {self.split!r}, recompute_ratio {self.recompute_ratio})")
         meta = {"policy": self.name, "plan": {}, "predicted": {}}
         if not self.scores_attention:  # everything kept: what full-load stores
+            if previous is not None and h2o.holds_evicted(previous):
+                raise PolicyError(f"policy {self.name!r} keeps everything but the conversation's state was "
+                                  "evicted at a smaller budget; continue it at that budget, or replay it")
             state = build_state(engine.adapter.fingerprint(), torch.tensor(token_ids),
                                 engine.adapter.kv_from_cache(cache), (0,) * engine.adapter.n_layers, previous,
                                 meta=meta)
             return engine.store.put(conversation_id, state)
         scores = engine.scorer.scores(conversation_id, cache)
-        state = h2o.evict_state(engine.adapter.fingerprint(), torch.tensor(token_ids), cache, scores,
-                                self.budget_ratio, self.recent_ratio, self.score_heads, meta)
+        layers, info = h2o.evict_layers(len(token_ids), cache, scores, self.budget_ratio, self.recent_ratio,
+                                        self.score_heads)
+        items = [StoredItem((layer_idx,), 0, len(token_ids), payload) for layer_idx, payload in enumerate(layers)]
+        state = StoredState(engine.adapter.fingerprint(), torch.tensor(token_ids, dtype=torch.int64),
+                            (0,) * len(layers), items, {**meta, "h2o": info})
+        state.check_coverage()
         return engine.store.put(conversation_id, state)
 
 

@@ -15,7 +15,9 @@ Storage bytes (issue 19): `storage_nbytes` counts a payload as a bf16 deployment
 dtype the model computes in (fp32 on the CPU): 2 bytes per floating element (scales and zero points
 of quantized payloads included), integer tensors (packed codes, indices) at their real size.
 `storage_ratio(state)` = the history's full KV at 2 bytes per element / the state's stored KV
-counted the same way: a compression ratio that does not depend on the compute dtype.
+counted the same way: a compression ratio that does not depend on the compute dtype. An H2O layer
+(`h2o.EvictedLayer`) counts its kept K and V, its int32 kept positions and its carried scores
+(`evicted_nbytes`, the formula its byte budget is allocated by).
 """
 from __future__ import annotations
 

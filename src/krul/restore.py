@@ -347,10 +347,7 @@ def _place(job: _Job, tensors: dict[str, torch.Tensor], cache: BufferCache,
     quantized payloads (`quant.QuantizedPayload`, method "quant") dequantize in the KV dtype in their
     own `place` and then place as their inner payload.
     """
-    if job.method == h2o.METHOD:  # H2O's evicted layers: not a store method (store.py does not know it)
-        payload = h2o.EvictedLayer.from_tensors(tensors, job.extra)
-    else:
-        payload = payload_from_tensors(job.method, tensors, job.extra)
+    payload = payload_from_tensors(job.method, tensors, job.extra)
     item = job.item
     outs, skips = [], []
     for layer_idx in item.layers:

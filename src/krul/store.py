@@ -231,9 +231,14 @@ class MissingStateError(StoreError):
 
 
 def payload_from_tensors(method: str, tensors: dict, meta: dict):
-    """The payload of `method` ("exact", a compression method, or "quant": `quant.QuantizedPayload`)."""
+    """The payload of `method` ("exact", a compression method, "quant": `quant.QuantizedPayload`, or
+    "evicted": `h2o.EvictedLayer`)."""
     if method == "exact":
         return ExactLayer.from_tensors(tensors, meta)
+    if method == "evicted":
+        from krul.h2o import EvictedLayer
+
+        return EvictedLayer.from_tensors(tensors, meta)
     if method == "quant":
         from krul.quant import QuantizedPayload
 
@@ -386,9 +391,21 @@ def parse_header(prefix: bytes, header_bytes: bytes, size: int, source: str) -> 
         _check(isinstance(it, dict) and {"layers", "start", "end", "method", "keys", "meta"} <= set(it), source,
                f"{what}: needs layers, start, end, method, keys, meta")
         outer, layers = it["method"], it["layers"]
-        _check(isinstance(outer, str) and (outer in ("exact", quant.METHOD) or outer in METHODS), source,
+        _check(isinstance(outer, str) and (outer in ("exact", quant.METHOD, "evicted") or outer in METHODS), source,
                f"{what}: unknown method {outer!r}")
         _check(isinstance(it["meta"], dict), source, f"{what}: meta is not an object")
+        if outer == "evicted":  # h2o's kept tokens of one layer (`h2o.check_header`)
+            from krul import h2o
+
+            _check(isinstance(layers, list) and len(layers) == 1 and _is_int(layers[0]) and 0 <= layers[0] < n_layers
+                   and _is_int(it["start"]) and _is_int(it["end"]) and 0 <= it["start"] <= it["end"] <= n_tokens
+                   and isinstance(it["keys"], list) and all(f"{i}.{key}" in table for key in it["keys"]), source,
+                   f"{what}: an evicted layer needs one layer, a range inside [0, {n_tokens}] and its tensors")
+            problem = h2o.check_header(it["keys"], {key: table[f"{i}.{key}"] for key in it["keys"]},
+                                       it["end"] - it["start"])
+            _check(problem is None, source, f"{what}: evicted layer: {problem}")
+            used.update(f"{i}.{key}" for key in it["keys"])
+            continue
         method = outer
         if outer == quant.METHOD:  # a quantized payload: checked as its inner method, then its codes
             method = it["meta"].get("inner")

@@ -14,7 +14,8 @@ from krul.estimator import AttentionEstimator
 from krul.policies import PolicyError, get_policy, with_budget
 from krul.pricing import evicted_nbytes, full_storage_bytes, state_storage_bytes, storage_nbytes, storage_ratio
 from krul.restore import restore_cache
-from krul.store import DiskStore, make_store
+from krul.store import (MAGIC, PREFIX_NBYTES, CorruptStateError, DiskStore, MemoryStore, TieredStore,
+                        deserialize, make_store, serialize)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,6 +226,46 @@ def test_restore_with_left_out_positions_is_masked_attention(tiny_chat, evicted_
     assert (logits[0] - adapter.forward(new_ids, recomputed)[0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_forward_evicted_is_masked_attention_for_each_family(kind):
+    """For both supported families, a BufferCache holding per layer a different number of the history's
+    positions (random subsets per KV head) continues, over 6 new tokens and 3 decode steps, exactly as a
+    forward over the whole history's KV with the other positions masked per layer and KV head."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from krul.adapter import ModelAdapter
+
+    cls = LlamaConfig if kind == "llama" else Qwen2Config
+    cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    adapter = ModelAdapter(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval(), name=kind)
+    gen = torch.Generator().manual_seed(1)
+    n = 30
+    full = DynamicCache()
+    adapter.forward(torch.randint(0, 128, (1, n), generator=gen), full)
+    cache = BufferCache.for_adapter(adapter, 64)
+    _KEPT.clear()
+    for layer_idx, (keys, values) in enumerate(adapter.kv_from_cache(full)):
+        kept = 20 - 3 * layer_idx
+        pos = torch.stack([torch.randperm(n, generator=gen)[:kept].sort().values for _ in range(2)])
+        k_buf, v_buf = cache.buffers(layer_idx)
+        k_buf[:, :, :kept] = keys[0].gather(1, pos[..., None].expand(-1, -1, keys.shape[-1]))[None]
+        v_buf[:, :, :kept] = values[0].gather(1, pos[..., None].expand(-1, -1, keys.shape[-1]))[None]
+        cache.layers[layer_idx].hold_evicted(n, pos)
+        _KEPT[layer_idx] = torch.zeros(2, n, dtype=torch.bool).scatter_(1, pos, True)
+    cache.set_length(n)
+    new_ids = torch.randint(0, 128, (1, 6), generator=gen)
+    AttentionInterface.register(_REF, _reference_attention)
+    AttentionMaskInterface.register(_REF, sdpa_mask)
+    tokens, logits = _greedy(adapter, cache, new_ids, 3)
+    with adapter.attention_implementation(_REF):
+        ref_tokens, ref_logits = _greedy(adapter, full, new_ids, 3)
+    assert tokens == ref_tokens and [layer.length for layer in cache.layers] == [29, 26, 23, 20]
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_engine_next_turn_matches_masked_attention(tiny_chat, evicted_runs):
     """Through the engine (restore, prefill, teacher-forced reply, attention captured): turn 3's reply
     nll equals the masked reference's on the same tokens."""
@@ -268,14 +309,64 @@ def test_evicted_layer_positions_and_crop(tiny_chat):
     assert layer.length == 3 and cache.layers[1].length == 10
 
 
+@pytest.mark.parametrize("tier", ["disk", "packed"])
+def test_disk_and_packed_tiers_restore_what_pageable_does(tiny_chat, evicted_runs, tier, tmp_path):
+    """h2o on the disk tier (state files streamed and verified) and on a packed store (one blob per item,
+    as the pinned tier) gives the pageable run's tokens and reply nll, and stores the same bytes."""
+    policy, ref, _ = evicted_runs["kv"]
+    store = DiskStore(tmp_path) if tier == "disk" else MemoryStore(pack=True)
+    got = _run(Engine(tiny_chat, policy, store, max_new_tokens=N_NEW))
+    assert [r.generated_ids for r in got] == [r.generated_ids for r in ref]
+    torch.testing.assert_close([r.reply_nll_sum for r in got], [r.reply_nll_sum for r in ref], atol=1e-5, rtol=0)
+    assert [r.offloaded_bytes for r in got] == [r.offloaded_bytes for r in ref]
+
+
+def test_evicted_state_file_round_trips_and_its_schema_is_checked(evicted_runs):
+    """An evicted state serializes and deserializes to the same tensors; a header edited (and re-checksummed)
+    to give positions another dtype, scores another shape, two layers or more kept tokens than its range
+    is refused as corrupt."""
+    import hashlib
+    import json
+
+    state = evicted_runs["kv"][2][2]
+    blob = serialize(state)
+    back = deserialize(blob)
+    for a, b in zip(state.items, back.items):
+        assert (a.layers, a.start, a.end) == (b.layers, b.start, b.end)
+        for name, t in a.payload.tensors().items():
+            assert torch.equal(t, b.payload.tensors()[name])
+    n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
+    body = blob[PREFIX_NBYTES + n:]
+
+    def forge(edit):
+        h = json.loads(blob[PREFIX_NBYTES:PREFIX_NBYTES + n])
+        edit(h)
+        new = json.dumps(h).encode()
+        head = MAGIC + len(new).to_bytes(8, "little")
+        return head + hashlib.sha256(head + new).digest() + new + body
+
+    def retype(h):
+        e = h["tensors"]["0.positions"]
+        e.update(dtype="float32")
+
+    def reshape(h):
+        e = h["tensors"]["0.scores"]
+        e.update(shape=[e["shape"][1], e["shape"][0]])
+
+    for edit in (retype, reshape, lambda h: h["items"][0].update(layers=[0, 1]),
+                 lambda h: h["items"][0].update(end=1), lambda h: h["items"][0].update(keys=["keys", "values"])):
+        with pytest.raises(CorruptStateError):
+            deserialize(forge(edit))
+
+
 def test_engine_refuses_what_cannot_hold_evicted_states(tiny_chat, tmp_path):
-    """h2o below a full budget is refused with the disk tier and with the attention estimator (the
-    disk format does not know evicted layers yet; capture does not nest); a recompute split is refused."""
-    with pytest.raises(EngineError, match="pageable"):
-        Engine(tiny_chat, _h2o(0.5), DiskStore(tmp_path))
+    """h2o below a full budget is refused with a tiered store (its active tier would keep the unevicted
+    cache) and with the attention estimator (captures do not nest); a recompute split is refused."""
+    with pytest.raises(EngineError, match="active"):
+        Engine(tiny_chat, _h2o(0.5), TieredStore.__new__(TieredStore))
     with pytest.raises(EngineError, match="estimator"):
         Engine(tiny_chat, _h2o(0.5), make_store("pageable"), estimator=AttentionEstimator(tiny_chat))
-    Engine(tiny_chat, _h2o(1.0), DiskStore(tmp_path))  # keeps everything: full-load's state
+    Engine(tiny_chat, _h2o(1.0), make_store("pageable"), estimator=AttentionEstimator(tiny_chat))  # no capture
     with pytest.raises(PolicyError, match="budget_ratio"):
         with_budget(get_policy("h2o"), 0.0)
     with pytest.raises(PolicyError, match="recompute"):
