@@ -548,11 +548,19 @@ class H2OPolicy(RestorePolicy):
         return engine.store.put(conversation_id, state)
 
 
-def with_budget(policy: "H2OPolicy", budget_ratio: float) -> "H2OPolicy":
-    """An h2o policy keeping `budget_ratio` (in (0, 1]; 1 = everything) of each history's full KV
-    bytes; its storage ratio (`pricing.storage_ratio`) is then about 1 / budget_ratio."""
+def with_budget(policy: "H2OPolicy", budget_ratio: float | None = None, *,
+                storage_ratio: float | None = None) -> "H2OPolicy":
+    """An h2o policy keeping `budget_ratio` (in (0, 1]; 1 = everything) of each history's full KV bytes,
+    or, given `storage_ratio` (>= 1) instead, 1 / storage_ratio of them: every stored state's
+    `pricing.storage_ratio` is then at least that and within one token-layer of it."""
     if not isinstance(policy, H2OPolicy):
         raise PolicyError(f"policy {policy.name!r} is not an eviction policy; with_budget is for h2o")
+    if (budget_ratio is None) == (storage_ratio is None):
+        raise PolicyError("give with_budget one of budget_ratio (fraction kept) or storage_ratio (full / stored)")
+    if storage_ratio is not None:
+        if not storage_ratio >= 1.0:
+            raise PolicyError(f"storage_ratio must be >= 1; got {storage_ratio}")
+        budget_ratio = 1.0 / storage_ratio
     if not 0.0 < budget_ratio <= 1.0:
         raise PolicyError(f"budget_ratio must be in (0, 1]; got {budget_ratio}")
     return policy.with_params(budget_ratio=float(budget_ratio))

@@ -369,5 +369,8 @@ def test_engine_refuses_what_cannot_hold_evicted_states(tiny_chat, tmp_path):
     Engine(tiny_chat, _h2o(1.0), make_store("pageable"), estimator=AttentionEstimator(tiny_chat))  # no capture
     with pytest.raises(PolicyError, match="budget_ratio"):
         with_budget(get_policy("h2o"), 0.0)
+    with pytest.raises(PolicyError, match="one of"):
+        with_budget(get_policy("h2o"), 0.5, storage_ratio=2.0)
+    assert with_budget(get_policy("h2o"), storage_ratio=4.0).budget_ratio == 0.25
     with pytest.raises(PolicyError, match="recompute"):
         _run(Engine(tiny_chat, get_policy("h2o", recompute_ratio=0.3), make_store("pageable")), turns=TURNS[:1])
