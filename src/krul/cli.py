@@ -154,8 +154,9 @@ def phase_summary(timings: list[dict], device) -> str:
     def stat(values: list[float]) -> str:
         return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
-    phases = [p for p in ("restoring", "prefilling", "decoding", "prefilling reply", "offloading", "scoring pairs",
-                          "compressing", "validating", "storing") if any(p in t for t in timings)]
+    from krul.factory import PHASES
+
+    phases = [p for p in PHASES if p != "other" and any(p in t for t in timings)]
     parts = [f"{p} {stat([t.get(p, 0.0) for t in timings])}" for p in phases]
     compress = [sum(t.get(p, 0.0) for p in ("scoring pairs", "compressing", "validating")) for t in timings]
     where = f"{device.type}" + (f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else "")

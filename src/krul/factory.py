@@ -159,7 +159,9 @@ def build_engine(args, policy_name: str | None = None, adapter=None):
 # what each wrapped method is doing, as the bars name it
 _POLICY_PHASES = {"offload": "offloading", "pair_losses": "scoring pairs", "build": "compressing",
                   "validated": "validating"}
-OFFLOAD_PHASES = ("offloading", "scoring pairs", "compressing", "validating", "storing")
+# every phase, in a turn's order ("other": the rest of the turn)
+PHASES = ("restoring", "prefilling", "decoding", "prefilling reply", "offloading", "scoring pairs", "compressing",
+          "packing", "validating", "storing", "other")
 
 
 class TurnPhases:
@@ -173,7 +175,8 @@ class TurnPhases:
 
     Phases: restoring, prefilling (the new input), decoding, prefilling reply (the real reply, or the
     generated one, read over the history to keep), offloading (the plan, outside its scoring),
-    scoring pairs, compressing, validating, storing; "other" is the rest of the turn (tokenizing,
+    scoring pairs, compressing (building the state; "packing" for a policy that compresses nothing),
+    validating, storing; "other" is the rest of the turn (tokenizing,
     sampling, bookkeeping). A phase nested in another is charged alone (compressing inside
     validating counts as compressing).
 
@@ -267,7 +270,10 @@ class TurnPhases:
         self._patch(engine, "_sample", observed_sample)
         self._policy = engine.policy
         policy = copy.copy(engine.policy)
+        compresses = policy.selector is not None or bool(policy.compress_params.get("codec"))
         for name, phase in _POLICY_PHASES.items():
+            if name == "build" and not compresses:
+                phase = "packing"  # the state as it is (full-load, recompute splits): nothing to compress
             self._patch(policy, name, self._timed(getattr(policy, name), phase))
         engine.policy = policy
         self._patch(engine.store, "put", self._timed(engine.store.put, "storing"))
