@@ -81,6 +81,36 @@ def test_select_keeps_the_recent_half_and_the_heaviest_rest():
     assert positions.gather(1, h2o.select(positions, scores, 2, recent_ratio=0.0)).tolist() == [[0, 5], [3, 7]]
 
 
+def test_attention_scores_sum_what_the_queries_gave(tiny_chat):
+    """AttentionScores: a prefill of q queries gives each KV head q * (query heads per KV head) in total
+    (every attention row sums to one), a decode step adds one row per query head; slots rewritten after a
+    crop keep only what the new queries gave them; carried scores seed the sums of a restored history."""
+    n_rep = tiny_chat.n_heads // tiny_chat.n_kv_heads
+    ids = torch.tensor([tiny_chat.tokenizer.encode("hello there, how are you today?")])
+    q = ids.shape[1]
+    scorer = h2o.AttentionScores(tiny_chat, block_size=8)  # several blocks
+    cache = BufferCache.for_adapter(tiny_chat, 64, grow=True)
+    scorer.begin("a", cache)
+    scorer.forward("a", ids, cache, logits_to_keep=1)
+    for sums in scorer.scores("a", cache):
+        torch.testing.assert_close(sums.sum(dim=1), torch.full((tiny_chat.n_kv_heads,), float(q * n_rep)))
+    scorer.forward("a", ids[:, :1], cache)
+    assert all(abs(float(s.sum()) - (q + 1) * n_rep * tiny_chat.n_kv_heads) < 1e-3 for s in scorer.scores("a", cache))
+    tiny_chat.crop(cache, q - 2)
+    tail = torch.tensor([[5, 6]])
+    scorer.forward("a", tail, cache)
+    fresh = BufferCache.for_adapter(tiny_chat, 64, grow=True)
+    scorer.begin("b", fresh)
+    scorer.forward("b", ids[:, :q - 2], fresh)
+    scorer.forward("b", tail, fresh)
+    for got, ref in zip(scorer.scores("a", cache), scorer.scores("b", fresh)):
+        torch.testing.assert_close(got[:, q - 2:], ref[:, q - 2:])
+    restored = BufferCache.for_adapter(tiny_chat, 16)
+    restored.layers[0].hold_evicted(9, torch.tensor([[1, 4, 8], [0, 2, 8]]), torch.tensor([[3., 2., 1.], [1., 1., 5.]]))
+    scorer.begin("c", restored)
+    assert scorer.scores("c", restored)[0].tolist() == [[3., 2., 1.], [1., 1., 5.]]
+
+
 # -- the engine --------------------------------------------------------------------------------
 def test_full_budget_is_full_load(tiny_chat):
     """budget_ratio = 1 keeps everything: the same generated tokens and reply nll, bit for bit, as
