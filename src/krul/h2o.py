@@ -141,10 +141,13 @@ class AttentionScores:
         self._current: str | None = None
 
     def begin(self, conversation_id: str, cache) -> None:
-        """Start the turn's sums from `cache` (a restored `BufferCache`, or a fresh one)."""
+        """Start the turn's sums from `cache` (a restored `BufferCache`, a fresh one, or any transformers
+        cache: a `DynamicCache` may have no layers yet)."""
         sums = []
-        for layer in cache.layers:
-            cap = max(1, getattr(layer, "capacity", 0) or layer.get_seq_length())
+        for layer_idx in range(self.adapter.n_layers):
+            layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+            held = layer.get_seq_length() if layer is not None else 0
+            cap = max(1, getattr(layer, "capacity", 0) or held)
             acc = torch.zeros(self.n_kv_heads, cap, dtype=torch.float32, device=self.adapter.device)
             carried = getattr(layer, "history_scores", None)
             if carried is not None:
@@ -294,7 +297,10 @@ def evict_layers(n_tokens: int, cache, scores, budget_ratio: float, recent_ratio
     kept = allocate(budget, n, len(layers), heads, dim, score_heads)
     out = []
     for layer_idx, (layer, layer_scores, n_keep) in enumerate(zip(layers, scores, kept)):
-        positions = layer.positions()
+        if hasattr(layer, "positions"):  # a BufferLayer (possibly holding an evicted history)
+            positions = layer.positions()
+        else:  # any other cache layer holds every position in order
+            positions = torch.arange(layer.keys.shape[-2], device=layer.keys.device)[None]
         if positions.shape[-1] and int(positions.max()) >= n:
             raise ValueError(f"layer {layer_idx} holds position {int(positions.max())} beyond the history of {n}")
         out.append(evict_layer(layer.keys, layer.values, positions, layer_scores, n_keep, recent_ratio, score_heads))

@@ -171,6 +171,25 @@ def test_later_turns_re_evict_the_union(evicted_runs):
     assert all(r.history_tokens > 0 for r in results[1:]) and not any(r.fallback for r in results)
 
 
+def test_offload_from_a_dynamic_cache(tiny_chat):
+    """The figures' path (`figures.common`): a history prefilled through the engine's forward into a
+    DynamicCache and offloaded by the policy is evicted within its budget, then a turn restores it."""
+    policy = _h2o(0.4)
+    engine = Engine(tiny_chat, policy, make_store("pageable"), max_new_tokens=2)
+    before = [{"role": "user", "content": TURNS[0][0]}, {"role": "assistant", "content": TURNS[0][1]}]
+    user = {"role": "user", "content": TURNS[1][0]}
+    hist = engine.render(before + [user], add_generation_prompt=True)[:-3]
+    cache = DynamicCache()
+    engine._forward("d", torch.tensor([hist]), cache, logits_to_keep=1)
+    engine.policy.offload(engine, "d", hist, cache, None)
+    state = engine.store.get("d")
+    heads, dim, layers = tiny_chat.n_kv_heads, tiny_chat.head_dim, tiny_chat.n_layers
+    budget = h2o.budget_nbytes(0.4, len(hist), layers, heads, dim)
+    assert state_storage_bytes(state) <= budget < state_storage_bytes(state) + h2o.token_layer_nbytes(heads, dim)
+    result = engine.turn("d", 1, before, user, TURNS[1][1])
+    assert result.history_tokens == len(hist) and not result.fallback and result.reply_tokens > 0
+
+
 # -- restore with positions left out, against masked full-KV attention --------------------------
 _REF = "krul_test_h2o_reference"
 _KEPT: dict = {}  # layer_idx -> (kv_heads, n_history) bool: history tokens the reference may attend to
