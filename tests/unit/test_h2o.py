@@ -190,6 +190,30 @@ def test_offload_from_a_dynamic_cache(tiny_chat):
     assert result.history_tokens == len(hist) and not result.fallback and result.reply_tokens > 0
 
 
+def test_a_turn_leaving_an_evicted_history_early_recomputes_it(tiny_chat):
+    """When a turn's tokens leave the stored history before its end (the history's reply edited), an
+    evicted history cannot be cropped there: the turn recomputes it (a fallback, warned) and gives the
+    full recompute's tokens."""
+    import warnings
+
+    from krul.engine import StateFallbackWarning
+
+    user0, user1 = ({"role": "user", "content": u} for u, _ in TURNS[:2])
+    edited = [user0, {"role": "assistant", "content": "Something else entirely."}]
+    ref = Engine(tiny_chat, "full-recompute", make_store("pageable"), max_new_tokens=N_NEW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StateFallbackWarning)  # full-recompute stores nothing to restore
+        expected = ref.turn("r", 1, edited, user1, reply=TURNS[1][1])
+    engine = Engine(tiny_chat, _h2o(0.4), make_store("pageable"), max_new_tokens=N_NEW)
+    engine.turn("e", 0, [], user0, reply=TURNS[0][1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = engine.turn("e", 1, edited, user1, reply=TURNS[1][1])
+    assert got.fallback and "evicted" in got.fallback and got.history_tokens == 0
+    assert any(issubclass(w.category, StateFallbackWarning) for w in caught)
+    assert got.generated_ids == expected.generated_ids
+
+
 # -- restore with positions left out, against masked full-KV attention --------------------------
 _REF = "krul_test_h2o_reference"
 _KEPT: dict = {}  # layer_idx -> (kv_heads, n_history) bool: history tokens the reference may attend to
