@@ -48,7 +48,9 @@ test-notebooks: setup
 # --- figures --------------------------------------------------------------------------------
 RUN_NAME ?= $(DEVICE)-$(PROFILE)
 
-results/%/$(RUN_NAME)/done: notebooks/%.ipynb experiments/%.yaml $(wildcard src/krul/*.py) | setup
+# a figure depends on its notebook, its YAML, its own module, the modules the figures share and the library
+FIGURE_SHARED := $(filter-out src/krul/figures/fig%.py,$(wildcard src/krul/figures/*.py)) $(wildcard src/krul/*.py)
+results/%/$(RUN_NAME)/done: notebooks/%.ipynb experiments/%.yaml src/krul/figures/%.py $(FIGURE_SHARED) | setup
 	@mkdir -p $(@D)
 	$(PY) -m krul.experiments run $* --profile $(PROFILE) --device $(DEVICE) --out $(@D)
 	@touch $@

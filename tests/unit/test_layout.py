@@ -1,8 +1,11 @@
-"""No import circle among krul's modules, function-level imports included."""
+"""No import circle among krul's modules, function-level imports included; one module per figure."""
 import ast
 import pathlib
 
-SRC = pathlib.Path(__file__).resolve().parents[2] / "src"
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
 
 
 def _edges() -> dict[str, set[str]]:
@@ -57,3 +60,29 @@ def test_no_import_circle():
     assert "krul.policies" in edges and "krul.records" in edges["krul.policies"]  # function-level imports count
     circle = _circle(edges)
     assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_every_figure_has_its_module():
+    """Each experiments/<slug>.yaml has src/krul/figures/<slug>.py defining run, claim and the YAML's METRIC,
+    and krul.experiments registers exactly those modules."""
+    from krul import experiments
+
+    slugs = sorted(p.stem for p in (ROOT / "experiments").glob("fig*.yaml"))
+    assert slugs
+    for slug in slugs:
+        path = SRC / "krul" / "figures" / f"{slug}.py"
+        assert path.is_file(), f"{slug}: no module {path.relative_to(ROOT)}"
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assigned = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                    if isinstance(t, ast.Name)}
+        assert "run" in defined, f"{slug}: no run(cfg)"
+        assert "claim" in defined or "claim" in assigned, f"{slug}: no claim(df, cfg)"
+        metric = yaml.safe_load((ROOT / "experiments" / f"{slug}.yaml").read_text())["claim"]["metric"]
+        assert isinstance(assigned.get("METRIC"), ast.Constant) and assigned["METRIC"].value == metric, \
+            f"{slug}: METRIC is not the YAML's claim metric {metric!r}"
+    assert sorted(experiments.RUNNERS) == slugs
+    for slug in slugs:
+        module = experiments.FIGURES[slug]
+        assert experiments.CLAIM_METRICS[module.METRIC] is module.claim
+

@@ -1,0 +1,58 @@
+"""Figure 3: KV storage per policy, per model, vs history length.
+
+`run` replays ShareGPT test conversations under each policy and records the bytes of the state
+restored before each turn against the full KV of that history; `claim` is full / stored bytes of
+krul at the longest history.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from krul.figures.common import (MissingComponent, PartialResults, get_adapter, largest, make_engine, policy_key,
+                                 progress, replay_cached, select_conversations)
+
+METRIC = "storage_ratio_at_longest"  # the name experiments/fig3_storage.yaml gives `claim`
+
+
+def run(cfg: dict) -> pd.DataFrame:
+    """Stored bytes of each restored state per policy and model vs its history length (turn rows)."""
+    cache = PartialResults(cfg["out_dir"], "fig3_storage")
+    ds = cfg["conversations"]
+    out, skipped = [], []
+    for model in cfg["models"]:
+        adapter = get_adapter(model, cfg["device"])
+        n = ds.get("n_per_model", {}).get(model, ds.get("n", 2))
+        convs = select_conversations("sharegpt", ds.get("split", "test"), n=n, min_turns=ds.get("max_turns", 3),
+                                     max_turns=ds.get("max_turns", 3), max_chars=ds.get("max_chars"),
+                                     min_chars=ds.get("min_chars", 0), clip_chars=ds.get("clip_chars"))
+        for policy_name in cfg["policies"]:
+            try:
+                engine = make_engine(adapter, policy_name, tier=cfg.get("tier", "pageable"), max_new_tokens=1,
+                                     seed=cfg["seed"])
+            except MissingComponent as e:
+                skipped.append(f"{model}/{policy_name}: {e}")
+                continue
+            for conv in progress(convs, f"{model} {policy_name}"):
+                key = f"{model}|{policy_key(engine.policy)}|{conv.content_key}"
+                for r in replay_cached(cache, key, engine, conv, ds.get("max_turns", 3)):
+                    if r["turn_idx"] < 1:
+                        continue
+                    out.append({"model": model, "policy": policy_name, "conversation_id": conv.id,
+                                "turn_idx": r["turn_idx"], "history_tokens": r["history_tokens"],
+                                "stored_bytes": r["stored_bytes"], "full_kv_bytes": r["full_kv_bytes"],
+                                "recompute_ratio": r["recompute_ratio"],
+                                "n_pairs": len((r.get("plan") or {}).get("pairs", []) or [])})
+    for s in skipped:
+        print(f"skipped (not measured): {s}")
+    df = pd.DataFrame(out)
+    if not df.empty:
+        df["storage_ratio"] = df.full_kv_bytes / df.stored_bytes.where(df.stored_bytes > 0)
+    return df
+
+
+def claim(df, cfg):
+    """full_kv_bytes / stored_bytes of the claim's policy (krul), summed over its turns at the longest history."""
+    d = largest(df[df.policy == cfg["claim"].get("policy", "krul")])
+    if d.empty or d.stored_bytes.sum() == 0:
+        return None
+    return float(d.full_kv_bytes.sum() / d.stored_bytes.sum())

@@ -1,0 +1,21 @@
+"""Figure 9: TTFT against history length.
+
+`run` is `krul.bench.run_ttft` with the YAML's `bench` settings (committed reference rows only when
+the bench is absent); `claim` is the strongest rival's TTFT over krul's at the longest history of
+the sweep, the smallest over tiers (`common.best_baseline_over_krul`, shared with fig2).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from krul.figures.common import best_baseline_over_krul
+from krul.figures.timing import bench_or_reference
+
+METRIC = "best_baseline_over_krul_at_longest"  # the name experiments/fig9_history_length.yaml gives `claim`
+
+
+def run(cfg: dict) -> pd.DataFrame:
+    return bench_or_reference(cfg)
+
+
+claim = best_baseline_over_krul
