@@ -86,3 +86,14 @@ def test_every_figure_has_its_module():
         module = experiments.FIGURES[slug]
         assert experiments.CLAIM_METRICS[module.METRIC] is module.claim
 
+
+def test_every_research_script_is_indexed():
+    """Each *.py under experiments/ has its entry (question, answer, command) in experiments/calibration/INDEX.md."""
+    index = (ROOT / "experiments" / "calibration" / "INDEX.md").read_text()
+    entries = {line[4:].strip() for line in index.splitlines() if line.startswith("### ")}
+    scripts = {p.relative_to(ROOT / "experiments" / "calibration").as_posix()
+               if p.is_relative_to(ROOT / "experiments" / "calibration") else p.relative_to(ROOT).as_posix()
+               for p in (ROOT / "experiments").rglob("*.py")}
+    assert scripts, "no scripts found under experiments/"
+    missing = sorted(scripts - entries)
+    assert not missing, f"not in experiments/calibration/INDEX.md (add '### NAME' with question, answer, command): {missing}"
