@@ -14,7 +14,8 @@ where it stopped.
 
 Command line (what `make` calls)::
 
-    python -m krul.experiments run <slug> --profile smoke|default|full --device cpu|cuda --out DIR
+    python -m krul.experiments run <slug> --profile smoke|default|full --device cpu|cuda --out DIR \
+        [--set models='[smollm2-135m]' --set conversations.n=3 ...]   # any setting of the YAML
     python -m krul.experiments redraw --all        # from results/<slug>/reference/*/data.csv
 
 This module knows nothing about how a figure looks (`plotting.py`) or how it is measured
@@ -23,6 +24,7 @@ This module knows nothing about how a figure looks (`plotting.py`) or how it is 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import datetime as _dt
 import json
@@ -44,6 +46,7 @@ from krul.figures.common import ExperimentError, MissingComponent, finite
 from krul.figures.common import PartialResults, policy_key  # noqa: F401 - re-exported for notebooks and tests
 
 PROFILES = ("smoke", "default", "full")
+RUN_PARAMETERS = ("profile", "device", "out_dir", "seed")  # what every notebook takes besides its YAML's settings
 KERNEL_NAME = "krul"
 
 
@@ -66,24 +69,84 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _raw_config(slug: str) -> dict:
+    path = paths.experiments_dir() / f"{slug}.yaml"
+    if not path.is_file():
+        raise ExperimentError(f"unknown figure {slug!r}; known: {', '.join(slugs())}")
+    return yaml.safe_load(path.read_text())
+
+
+def _examples(slug: str) -> dict:
+    """Each setting of a figure, in YAML order, with its first value in `params` or a profile."""
+    raw = _raw_config(slug)
+    out: dict = {}
+    for part in [raw.get("params") or {}, *(raw.get("profiles") or {}).values()]:
+        for k, v in (part or {}).items():
+            if out.get(k) is None:
+                out[k] = v
+    return out
+
+
+def settings(slug: str) -> list[str]:
+    """The settings of a figure, in YAML order: every key of its `params` and of any of its profiles.
+    Each one is a notebook parameter and a `--set` key."""
+    return list(_examples(slug))
+
+
+def check_overrides(slug: str, overrides: dict) -> dict:
+    """The overrides, each checked against the figure's YAML: a name that is not one of its settings
+    is an ExperimentError naming the known ones; a string where the YAML has a list, dict, number or
+    bool is parsed as YAML (papermill's `-p models '[a, b]'` passes a string); then the type must be
+    the YAML's (a list for a list, a number for a number, ...), so `-p models smollm2-135m` does not
+    iterate over characters. None values are dropped (None: the profile's value)."""
+    examples = _examples(slug)
+    unknown = sorted(k for k in overrides if k not in examples)
+    if unknown:
+        raise ExperimentError(f"{slug}: unknown parameter(s) {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join([*RUN_PARAMETERS, *examples])}")
+    out = {}
+    for k, v in overrides.items():
+        was = examples[k]
+        if isinstance(v, str) and was is not None and not isinstance(was, str):
+            try:
+                v = yaml.safe_load(v)
+            except yaml.YAMLError as e:
+                raise ExperimentError(f"{slug}: parameter {k!r}: {v!r} is not YAML/JSON ({e})") from None
+        if v is None:
+            continue
+        if was is not None:
+            kind, kinds = (("true or false", (bool,)) if isinstance(was, bool) else
+                           ("number", (int, float)) if isinstance(was, (int, float)) else
+                           ("list", (list, tuple)) if isinstance(was, (list, tuple)) else
+                           ("dict", (dict,)) if isinstance(was, dict) else ("string", (str,)))
+            if not isinstance(v, kinds) or (isinstance(v, bool) and not isinstance(was, bool)):
+                raise ExperimentError(f"{slug}: parameter {k!r} must be a {kind} (the YAML has "
+                                      f"{json.dumps(_plain(was))}), not {v!r}")
+        out[k] = v
+    return out
+
+
 def load_config(slug: str, profile: str = "default", device: str = "auto", out_dir: str | None = None,
                 seed: int = 0, **overrides) -> dict:
     """The resolved config of a figure: `params` merged with `profiles[profile]` and the overrides.
 
+    An override is one of the YAML's settings (`settings(slug)`, checked by `check_overrides`); None
+    keeps the profile's value, a dict is merged over the YAML's, anything else replaces it.
+
     Returns a flat dict with `slug`, `title`, `claim`, `profile`, `device` (resolved: cpu or cuda),
     `out_dir` (absolute; default a fresh `results/<slug>/interactive-<time>`, apart from the
-    `results/<slug>/<device>-<profile>` that `make reproduce` passes), `seed`, and the parameters.
+    `results/<slug>/<device>-<profile>` that `make reproduce` passes), `seed`, the parameters, and
+    `overrides` (what was set beyond the YAML, when anything was).
     """
+    raw = _raw_config(slug)
     path = paths.experiments_dir() / f"{slug}.yaml"
-    if not path.is_file():
-        raise ExperimentError(f"unknown figure {slug!r}; known: {', '.join(slugs())}")
     if profile not in PROFILES:
         raise ExperimentError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    raw = yaml.safe_load(path.read_text())
     profiles = raw.get("profiles") or {}
     if profile not in profiles:
         raise ExperimentError(f"{path}: no profile {profile!r}; it has {', '.join(profiles)}")
     cfg = _deep_merge(raw.get("params") or {}, profiles[profile])
+    overrides = check_overrides(slug, overrides)
     cfg = _deep_merge(cfg, overrides)
     device = resolve_device(device)
     if out_dir is None:  # an interactive run (JupyterLab's Run All) gets a fresh folder of its own,
@@ -94,7 +157,67 @@ def load_config(slug: str, profile: str = "default", device: str = "auto", out_d
         out = paths.REPO_ROOT / out
     cfg.update(slug=slug, title=raw.get("title", slug), claim=raw.get("claim") or {}, profile=profile,
                device=device, out_dir=str(out), seed=int(seed), run=f"{device}-{profile}")
+    if overrides:
+        cfg["overrides"] = copy.deepcopy(overrides)
     return cfg
+
+
+def injected_parameters() -> set[str] | None:
+    """The names papermill injected into this Jupyter kernel (its cell that starts `# Parameters`,
+    found in the kernel's input history), or None outside a kernel. papermill only warns about a
+    name the notebook does not declare; `notebook_config` makes it an error."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    if shell is None:
+        return None
+    names: set[str] = set()
+    for source in shell.user_ns.get("In", []):
+        if not source.lstrip().startswith("# Parameters"):
+            continue
+        try:
+            body = ast.parse(source).body
+        except SyntaxError:  # not papermill's cell after all
+            continue
+        for node in body:
+            if isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def notebook_config(slug: str, namespace: dict) -> dict:
+    """`load_config` from a notebook's parameters (`namespace` is its `globals()`): the run parameters
+    and every YAML setting declared there (None: the profile's value). A parameter papermill injected
+    that is neither is an ExperimentError listing the known ones."""
+    known = [*RUN_PARAMETERS, *settings(slug)]
+    unknown = sorted((injected_parameters() or set()) - set(known))
+    if unknown:
+        raise ExperimentError(f"{slug}: unknown parameter(s) {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(known)}")
+    run = {k: namespace[k] for k in RUN_PARAMETERS if k in namespace}
+    return load_config(slug, **run, **{k: namespace.get(k) for k in settings(slug)})
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`--set KEY=VALUE` arguments as overrides: VALUE parsed as YAML (so JSON too: `[a, b]`, `3`,
+    `{n: 3}`); a dotted KEY (`conversations.n=3`) sets one entry of a dict setting."""
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ExperimentError(f"--set {item!r}: write KEY=VALUE, e.g. --set models='[smollm2-135m]'")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ExperimentError(f"--set {item!r}: the value is not YAML/JSON ({e})") from None
+        *parents, leaf = key.strip().split(".")
+        node = {leaf: value}
+        for k in reversed(parents):
+            node = {k: node}
+        out = _deep_merge(out, node)
+    return out
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -295,8 +418,12 @@ def ensure_kernel() -> None:
 
 
 def run_notebook(slug: str, profile: str = "default", device: str = "auto", out: str | None = None,
-                 seed: int = 0, log_output: bool = True) -> Path:
-    """Execute notebooks/<slug>.ipynb with papermill into `<out>/<slug>.ipynb` (kept)."""
+                 seed: int = 0, log_output: bool = True, overrides: dict | None = None) -> Path:
+    """Execute notebooks/<slug>.ipynb with papermill into `<out>/<slug>.ipynb` (kept).
+
+    `overrides` (settings of the YAML, e.g. `{"models": ["smollm2-135m"]}`) become notebook
+    parameters; they are checked here first (`load_config`), before a kernel starts.
+    """
     import papermill as pm
 
     nb = paths.REPO_ROOT / "notebooks" / f"{slug}.ipynb"
@@ -305,6 +432,8 @@ def run_notebook(slug: str, profile: str = "default", device: str = "auto", out:
     device = resolve_device(device)
     out_dir = Path(out) if out else paths.results_dir() / slug / f"{device}-{profile}"
     out_dir = out_dir if out_dir.is_absolute() else paths.REPO_ROOT / out_dir
+    overrides = check_overrides(slug, overrides or {})  # refuse bad ones before a kernel starts
+    load_config(slug, profile, device=device, out_dir=str(out_dir), seed=seed, **overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_kernel()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -312,7 +441,8 @@ def run_notebook(slug: str, profile: str = "default", device: str = "auto", out:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     pm.execute_notebook(str(nb), str(out_dir / f"{slug}.ipynb"), kernel_name=KERNEL_NAME,
-                        parameters={"profile": profile, "device": device, "out_dir": str(out_dir), "seed": seed},
+                        parameters={"profile": profile, "device": device, "out_dir": str(out_dir), "seed": seed,
+                                    **overrides},
                         cwd=str(paths.REPO_ROOT), progress_bar=False, log_output=log_output)
     wall = time.perf_counter() - t0
     env_path = out_dir / "env.json"
@@ -374,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="auto")
     r.add_argument("--out", default=None, help="output folder (default results/<slug>/<device>-<profile>)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the figure's YAML (VALUE as YAML/JSON; KEY.SUB for one entry of "
+                        "a dict), e.g. --set models='[smollm2-135m]' --set conversations.n=3; repeatable")
     d = sub.add_parser("redraw", help="redraw figures from committed reference data")
     d.add_argument("slugs", nargs="*")
     d.add_argument("--all", action="store_true")
@@ -384,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             if args.slug not in slugs():
                 raise ExperimentError(f"unknown figure {args.slug!r}; known: {', '.join(slugs())}")
-            run_notebook(args.slug, args.profile, args.device, args.out, args.seed)
+            run_notebook(args.slug, args.profile, args.device, args.out, args.seed, overrides=parse_sets(args.set))
         elif args.cmd == "redraw":
             for slug in (slugs() if args.all or not args.slugs else args.slugs):
                 redraw(slug)

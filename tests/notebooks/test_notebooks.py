@@ -1,6 +1,10 @@
 """Notebook tier: every figure notebook is thin and runs end to end under papermill (profile=smoke)."""
+import ast
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,19 +26,46 @@ def test_every_figure_has_config_and_notebook():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_is_thin(path):
-    """One `parameters`-tagged cell of scalar assignments; no function or class definitions."""
+    """One `parameters`-tagged cell of scalar or None defaults (lists live in the YAML); no function or
+    class definitions."""
     cells = _cells(path)
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged `parameters`"
-    src = "".join(tagged[0]["source"])
-    names = {line.split("=")[0].strip() for line in src.splitlines() if "=" in line}
-    assert {"profile", "device", "out_dir", "seed"} <= names
-    assert not any(ch in src for ch in "[{"), "parameters are scalars; lists belong in the YAML"
+    tree = ast.parse("".join(tagged[0]["source"]))
+    assert all(isinstance(n, ast.AnnAssign) and isinstance(n.value, ast.Constant) for n in tree.body), \
+        "each parameter is `name: type = scalar  # what it is`"
     for c in cells:
         if c["cell_type"] == "code":
             code = "".join(c["source"])
             assert "def " not in code and "class " not in code and "lambda" not in code
     assert cells[0]["cell_type"] == "markdown"
+
+
+@pytest.mark.parametrize("slug", IDS)
+def test_parameters_are_the_yaml_settings(slug):
+    """The parameters papermill reads (`--help-notebook`) are profile, device, out_dir, seed and every
+    setting of the YAML, each with a type and a help text; the YAML's settings default to None."""
+    import papermill as pm
+
+    from krul.experiments import RUN_PARAMETERS, settings
+
+    params = pm.inspect_notebook(str(ROOT / "notebooks" / f"{slug}.ipynb"))
+    assert list(params) == [*RUN_PARAMETERS, *settings(slug)]
+    for name, p in params.items():
+        assert p["inferred_type_name"] != "None" and p["help"], f"{name}: declare `name: type = ...  # help`"
+        if name not in RUN_PARAMETERS:
+            assert p["default"] == "None", f"{name}: None means the profile's value"
+
+
+@pytest.mark.parametrize("slug", IDS)
+def test_notebook_states_the_yaml_claim(slug):
+    """The notebook's first cell quotes its YAML's claim statement and predicate."""
+    import yaml
+
+    claim = yaml.safe_load((ROOT / "experiments" / f"{slug}.yaml").read_text())["claim"]
+    md = "".join(_cells(ROOT / "notebooks" / f"{slug}.ipynb")[0]["source"])
+    assert claim["statement"].rstrip(".") in md
+    assert f"`{claim['metric']} {claim['op']} {claim['threshold']}` (tolerance {claim['tolerance']})" in md
 
 
 @pytest.mark.parametrize("slug", IDS)
@@ -62,3 +93,44 @@ def test_notebook_smoke(slug, tmp_path):
     env = json.loads((out / "env.json").read_text())
     assert env["verdict"]["verdict"] in ("smoke run: not a measurement", "not measured")  # smoke never judges
     assert env["device"] == "cpu" and "torch" in env["versions"]
+
+
+@pytest.mark.notebooks
+def test_papermill_parameters_override_the_yaml(tmp_path):
+    """`papermill -p models ... -p policies ...` (strings, as the command line passes them) run the
+    figure on exactly those; the saved config holds them and records the overrides."""
+    import pandas as pd
+    import yaml
+
+    from krul.experiments import KERNEL_NAME, ensure_kernel
+
+    ensure_kernel()
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "fig3_storage.ipynb"),
+           str(tmp_path / "fig3_storage.ipynb"), "-k", KERNEL_NAME, "--cwd", str(ROOT),
+           "-p", "profile", "smoke", "-p", "device", "cpu", "-p", "out_dir", str(out),
+           "-p", "models", '["smollm2-135m"]', "-p", "policies", '["full-load", "krul"]']
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    df = pd.read_csv(out / "data.csv")
+    assert set(df.policy) == {"full-load", "krul"} and set(df.model) == {"smollm2-135m"}
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["policies"] == ["full-load", "krul"] and cfg["models"] == ["smollm2-135m"]
+    assert cfg["overrides"] == {"models": ["smollm2-135m"], "policies": ["full-load", "krul"]}
+
+
+@pytest.mark.notebooks
+def test_unknown_papermill_parameter_fails(tmp_path):
+    """A parameter the notebook does not declare (papermill itself only warns) stops the run with a
+    message that lists the known ones."""
+    from krul.experiments import KERNEL_NAME, ensure_kernel
+
+    ensure_kernel()
+    cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "fig3_storage.ipynb"),
+           str(tmp_path / "fig3_storage.ipynb"), "-k", KERNEL_NAME, "--cwd", str(ROOT),
+           "-p", "profile", "smoke", "-p", "device", "cpu", "-p", "out_dir", str(tmp_path / "run"),
+           "-p", "n_convs", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    assert re.search(r"unknown parameter\(s\) 'n_convs'; known: profile, device, out_dir, seed, models, "
+                     r"policies, tier, conversations", done.stdout + done.stderr)
+    assert not (tmp_path / "run" / "data.csv").exists()
