@@ -520,17 +520,19 @@ def run(args) -> int:
     from krul.factory import _device, _load_adapter
     from krul.store import StoreError
 
-    try:
+    try:  # every setting checked before the model loads; ConfigError, ModelError, DataError are ValueErrors
         cfg = config_from_args(args)
         from krul import models
 
         models.require_real(cfg.model)
         device = _device(cfg.device)
+        conversations = load_conversations(cfg.data, split=None if cfg.split == "all" else cfg.split,
+                                           limit=cfg.n_conversations)
+        if not conversations:
+            raise TraceError(f"no conversations in {cfg.data!r} (split {cfg.split})")
     except (TraceError, StoreError, ValueError) as exc:
         print(f"krul trace: {exc}", file=sys.stderr)
         return 2
-    conversations = load_conversations(cfg.data, split=None if cfg.split == "all" else cfg.split,
-                                       limit=cfg.n_conversations)
     adapter = _load_adapter(cfg.model, device)
     report = run_trace(adapter, conversations, cfg, progress=not args.no_progress)
     for line in summary(report):

@@ -96,4 +96,5 @@ def test_options_parse_and_bad_ones_exit_2(capsys):
         _cfg(policies=("nope",)).check()
     assert main(["--policies", "nope"]) == 2
     assert main(["--budgets", "ram=1G"]) == 2
+    assert main(["--data", "/nonexistent.jsonl"]) == 2
     assert "krul trace:" in capsys.readouterr().err
