@@ -22,9 +22,11 @@ Policies and the papers they implement:
   one-plan-for-all ablation); krul-svd-loss (each conversation's pairs ranked by what svd loses on
   its own KV, `compression.svd_pair_losses`) and krul-fix-svd-loss (the one plan of lowest mean
   svd loss on dev).
-- storage codecs (issue 19; `quant.py`, a policy's `compress_params["codec"]` = {"bits", "group"}:
-  every stored payload quantized after `build_state`): int8 and int4 (FlexGen-style group-wise
-  quantization of the stored KV, everything loaded), kivi (KIVI: int2, K per channel, V per token),
+- storage codecs (issue 19; `quant.py`, a policy's `compress_params["codec"]` = {"bits", "group",
+  optional "window"}: every stored payload quantized after `build_state`, except the newest `window`
+  tokens, kept exact until the next offload quantizes them): int8 and int4 (FlexGen-style group-wise
+  quantization of the stored KV, everything loaded), kivi (KIVI: int2, K per channel, V per token,
+  the newest 128 tokens exact),
   krul-svd-loss-int8 and krul-svd-loss-int4 (krul-svd-loss with its payloads quantized; calibrated
   as krul-svd-loss).
 """
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from krul.pricing import PlanPricing
-from krul.store import StoredState, build_state
+from krul.store import StoredItem, StoredState, build_state
 
 
 class PolicyError(ValueError):
@@ -233,15 +235,29 @@ class RestorePolicy:
         compress = {k: v for k, v in self.compress_params.items() if k != "codec"} if method != "share" else {}
         meta = {"policy": self.name, "plan": plan.to_dict() if plan is not None else {},
                 "predicted": predicted}
-        state = build_state(adapter.fingerprint(), torch.tensor(token_ids), layers_kv,
-                            lengths, previous, pairs=pairs, method=method, compress_kwargs=compress,
-                            meta=meta)
-        codec = self.compress_params.get("codec")
-        if codec:  # a storage codec: every payload quantized (items kept from `previous` already are)
-            from krul.quant import codec_fn
 
-            state = state.map_payloads(codec_fn(codec))
-        return state
+        def state_of(n: int, prev: StoredState | None) -> StoredState:  # the first n tokens onto prev
+            return build_state(adapter.fingerprint(), torch.tensor(token_ids[:n]), layers_kv,
+                               [min(l, n) for l in lengths], prev, pairs=pairs, method=method,
+                               compress_kwargs=compress, meta=meta)
+
+        codec = self.compress_params.get("codec")
+        if not codec:
+            return state_of(len(token_ids), previous)
+        from krul.quant import codec_fn
+
+        # a storage codec: every payload quantized (items kept from `previous` already are), except
+        # a window of the newest `codec["window"]` tokens (KIVI's residual), stored exact until the
+        # next offload quantizes it: the one item a later offload compresses again
+        quantize, window = codec_fn(codec), int(codec.get("window", 0))
+        if not window:
+            return state_of(len(token_ids), previous).map_payloads(quantize)
+        cut = len(token_ids) - window
+        n_old = previous.n_tokens if previous is not None else 0
+        head = quantized_before(previous, quantize, cut) if previous is not None else None
+        if cut > n_old:  # [n_old, cut) quantized now, [cut, n) exact
+            head = quantized_before(state_of(cut, head), quantize, cut)
+        return state_of(len(token_ids), head)
 
     def dev_plan(self, plan):
         """The dev plan as a candidate for `plan`: the first `len(plan.pairs)` of `dev_pairs` that
@@ -281,6 +297,14 @@ class RestorePolicy:
         out.meta["validation"] = {"chosen": chosen, "candidates": 2, "tokens": n_window,
                                   **{f"kl_{k}": v for k, v in scores.items()}}
         return out
+
+
+def quantized_before(state: StoredState, quantize, cut: int) -> StoredState:
+    """`state` with the payloads of its items that end at or before token `cut` quantized by
+    `quantize` (`quant.codec_fn`; a payload already quantized stays as it is), the others as they are."""
+    items = [StoredItem(it.layers, it.start, it.end, quantize(it.payload) if it.end <= cut else it.payload)
+             for it in state.items]
+    return StoredState(state.fingerprint, state.token_ids, state.recompute_lengths, items, state.meta)
 
 
 def with_rank_ratio(policy: "RestorePolicy", rank_ratio: float) -> "RestorePolicy":
@@ -372,7 +396,7 @@ POLICIES: dict[str, RestorePolicy] = {p.name: p for p in [
 
 _INT8 = {"bits": 8, "group": 64}
 _INT4 = {"bits": 4, "group": 64}
-_KIVI = {"bits": 2, "group": 32}  # KIVI's group size; its full-precision residual window is a TODO (quant.py)
+_KIVI = {"bits": 2, "group": 32, "window": 128}  # KIVI's group size and its full-precision residual R
 _FLEXGEN = "FlexGen (Sheng et al., ICML'23) group-wise asymmetric quantization"
 POLICIES.update({p.name: p for p in [
     RestorePolicy("int8", f"full-load with the stored KV quantized to int8: {_FLEXGEN}, K per channel and V "

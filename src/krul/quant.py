@@ -32,8 +32,9 @@ unpacked with shifts and masks, converted, one `addcmul` per tensor; no fp32 tem
 reuses the inner payload's placement (`compression.place_pair`) or copies into the exact layer's
 views. Only the loaded tokens are dequantized: the payload is first cropped to the first loaded token.
 
-TODO (issue 19): KIVI keeps a full-precision window of the newest tokens (its residual, R = 128);
-a policy option `codec["window"]` storing the last tokens of each item exact is not implemented.
+KIVI keeps a full-precision window of the newest tokens (its residual, R = 128): a codec's optional
+`window` (`policies.RestorePolicy.build`) stores the history's newest `window` tokens exact and
+quantizes them at the next offload, the one case where a stored item is compressed again.
 
 This module imports only `krul.compression` (the inner pairs); `store.payload_from_tensors` imports it.
 """

@@ -312,7 +312,6 @@ def test_codec_policies_are_registered_and_the_others_have_no_codec():
     for name in ("krul-svd-loss-int8", "krul-svd-loss-int4"):
         assert POLICIES[name].with_params(name=base.name, cite=base.cite, compress_params=base.compress_params) == base
     assert not any("codec" in p.compress_params for n, p in POLICIES.items() if n not in NEW_POLICIES)
-    assert "h2o" not in POLICIES
 
 
 class _Engine:
@@ -336,6 +335,8 @@ def test_codec_policies_build_quantized_states_that_restore(tiny, name):
     if policy.selector is not None:
         policy = policy.with_params(split="fixed", recompute_ratio=0.25)
         plan = CompressionPlan(((1, 3),), (), "svd", 4)
+    if "window" in policy.compress_params["codec"]:  # the window has its own test below
+        policy = policy.with_params(compress_params={"codec": {**policy.compress_params["codec"], "window": 0}})
     engine = _Engine(adapter)
     tokens = ids[0].tolist()
     first = policy.build(engine, tokens[:30], ref, None, plan)
@@ -376,3 +377,42 @@ def test_quantized_svd_loss_policies_read_the_svd_loss_record(tmp_path, monkeypa
         p = get_policy(name, model="m")
         assert p.layer_weights == (0.5,) * 6 and p.selector_params["target_ratio"] == 1.25
         assert "codec" in p.compress_params
+
+
+def test_kivi_window_keeps_the_newest_tokens_exact_until_the_next_offload(tiny):
+    """kivi's residual window: the newest `window` tokens are stored exact; the next offload quantizes
+    them (the one stored item compressed again) and keeps its own newest tokens exact; the restore
+    gives the exact window and the dequantized rest."""
+    from krul.policies import POLICIES
+    from krul.restore import BufferCache, load_layers, restore_into
+
+    adapter, ids, ref = tiny
+    kivi = POLICIES["kivi"]
+    assert kivi.compress_params["codec"]["window"] == 128  # KIVI's R
+    policy = kivi.with_params(compress_params={"codec": {**kivi.compress_params["codec"], "window": 8}})
+    engine = _Engine(adapter)
+    tokens = ids[0].tolist()
+    n = len(tokens)
+    first = policy.build(engine, tokens[:30], ref, None, None)
+    def split(state, cut):
+        for it in state.items:
+            assert it.end <= cut or it.start >= cut  # no item straddles the window's edge
+        return ([it for it in state.items if it.end <= cut], [it for it in state.items if it.start >= cut])
+    old, window = split(first, 22)
+    assert old and window and all(it.payload.method == "quant" for it in old)
+    assert all(it.payload.method == "exact" and (it.start, it.end) == (22, 30) for it in window)
+    state = policy.build(engine, tokens, ref, first, None)
+    old, window = split(state, n - 8)
+    assert all(it.payload.method == "quant" for it in old)  # turn 1's window quantized now
+    assert any(it.start <= 22 and it.end >= 30 or (it.start, it.end) == (22, 30) for it in old)
+    assert all(it.payload.method == "exact" and it.end == n for it in window) and window
+    assert sum(it.end - it.start for it in state.items) == n * adapter.n_layers  # every token-layer once
+    expected = load_layers(state.map_payloads(lambda q: _reference(q) if q.method == "quant" else q),
+                           torch.device("cpu"))
+    cache = BufferCache.for_adapter(adapter, n).fill_(float("nan"))
+    restore_into(adapter, state, cache)
+    for layer, (k, v) in enumerate(cache.kv()):
+        assert torch.equal(k, expected[layer][0]) and torch.equal(v, expected[layer][1])
+        assert torch.equal(k[:, :, n - 8:], ref[layer][0][:, :, n - 8:n])  # the window is exact
+    whole = policy.with_params(compress_params={"codec": {**policy.compress_params["codec"], "window": 0}})
+    assert storage_ratio(whole.build(engine, tokens, ref, first, None)) > storage_ratio(state) > 1.0
