@@ -394,6 +394,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--rouge", action="store_true", help="also compute ROUGE-L (needs evaluate)")
     b = sub.add_parser("bench", help="benchmarks: `krul bench ttft --help`", add_help=False)
     b.add_argument("what", nargs="?", default="ttft")
+    from krul import trace  # imports only the standard library at load
+
+    trace.add_arguments(sub.add_parser("trace", help="many conversations as concurrent sessions over one store"))
     return p
 
 
@@ -412,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(args, rest)
+        if args.command == "trace":
+            from krul.trace import run
+
+            return run(args)
         return {"models": cmd_models, "data": cmd_data, "replay": cmd_replay, "chat": cmd_chat,
                 "evaluate": cmd_evaluate}[args.command](args)
     except (ConfigError, DataError, EngineError, ModelError, PolicyError, StoreError) as exc:

@@ -318,3 +318,10 @@ def test_chat_says_nothing_of_a_reply_that_ended(tiny_model, monkeypatch):
     _inputs(monkeypatch, ["hello", ""])
     assert cli.main(["chat", "--device", "cpu", "--max-new-tokens", "8", "--no-progress"]) == 0
     assert "model> " in out.getvalue() and "cut" not in out.getvalue()
+
+
+def test_trace_is_a_krul_subcommand_validated_before_the_model_loads(capsys):
+    from krul.cli import main
+
+    assert main(["trace", "-n", "0"]) == 2
+    assert "n_conversations must be at least 1" in capsys.readouterr().err
