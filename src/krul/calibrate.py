@@ -741,12 +741,69 @@ def curve_table(record: dict, tolerance: float = 0.01) -> str:
     return "\n".join(lines)
 
 
+def _curve(points, name: str) -> list[dict]:
+    """`name`'s points ordered by storage ratio (one per storage ratio)."""
+    return sorted((q for q in points if q["policy"] == name and q.get("storage_ratio")),
+                  key=lambda q: q["storage_ratio"])
+
+
+def interpolate(curve: list[dict], ratio: float) -> dict | None:
+    """nll ratio and its interval bounds of a measured `curve` at storage `ratio`, linear in log
+    storage ratio between the two measured points around it (None outside the measured range)."""
+    x = math.log(ratio)
+    for a, b in zip(curve, curve[1:] or curve):
+        xa, xb = math.log(a["storage_ratio"]), math.log(b["storage_ratio"])
+        if xa - 1e-12 <= x <= xb + 1e-12:
+            t = 0.0 if xb - xa < 1e-12 else (x - xa) / (xb - xa)
+            return {k: a[k] + t * (b[k] - a[k]) for k in ("nll_ratio", "nll_ratio_lo", "nll_ratio_hi")}
+    return None
+
+
+def largest_within(curve: list[dict], tolerance: float = 0.01) -> float | None:
+    """The largest measured storage ratio whose interval's upper bound is at most 1 + `tolerance`."""
+    ok = [q["storage_ratio"] for q in curve if q["nll_ratio_hi"] <= 1 + tolerance]
+    return max(ok) if ok else None
+
+
+def codec_comparison(points, crosslayer, quant_only) -> str:
+    """Markdown table: every measured point of each cross-layer policy (`crosslayer`, e.g. the
+    quantized krul-svd-loss) beside the quantization-only curve (`quant_only`: int8 -> int4 ->
+    kivi, joined into one curve by storage ratio) at the same stored bytes, interpolated in log
+    storage ratio between its measured points (its interval bounds interpolated the same way);
+    then every measured quantization-only point against each cross-layer curve. "-" where the
+    other curve was not measured that far."""
+    quant = sorted((q for q in points if q["policy"] in quant_only and q.get("storage_ratio")),
+                   key=lambda q: q["storage_ratio"])
+    fmt = lambda r: f"{r['nll_ratio']:.4f} [{r['nll_ratio_lo']:.4f}, {r['nll_ratio_hi']:.4f}]"
+    lines = ["| measured point | storage ratio | its nll ratio [95% CI] | other side at the same bytes | "
+             "its nll ratio (interpolated) | lower nll |", "| --- | --- | --- | --- | --- | --- |"]
+    pairs = [(q, quant, "quantization alone") for name in crosslayer for q in _curve(points, name)]
+    pairs += [(q, _curve(points, name), name) for name in crosslayer for q in quant]
+    for q, other, other_name in pairs:
+        at = interpolate(other, q["storage_ratio"])
+        label = f"{q['policy']}" + (f" @ {q['n_pairs']} pairs" if q.get("n_pairs") else "")
+        if at is None:
+            lines.append(f"| {label} | {q['storage_ratio']:.3f}x | {fmt(q)} | {other_name} | - | - |")
+            continue
+        better = q["policy"] if q["nll_ratio"] < at["nll_ratio"] else other_name
+        lines.append(f"| {label} | {q['storage_ratio']:.3f}x | {fmt(q)} | {other_name} | {fmt(at)} | {better} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "curves":
         return main_curves(argv[1:])
+    if argv and argv[0] == "compare":  # compare RECORD.json [...]: cross-layer + codec vs codec alone
+        points = [q for path in argv[1:] for q in json.loads(Path(path).read_text())["points"]]
+        print(codec_comparison(points, CODEC_PAIR_POLICIES, CODEC_ONLY_POLICIES))
+        for name in dict.fromkeys(q["policy"] for q in points):
+            best = largest_within(_curve(points, name))
+            print(f"{name}: largest measured storage ratio with the nll interval's upper bound <= 1.01: "
+                  + (f"{best:.3f}x" if best else "none"))
+        return 0
     if argv and argv[0] == "table":
         for path in argv[1:]:
             print(curve_table(json.loads(Path(path).read_text())))

@@ -153,3 +153,36 @@ def test_storage_meter_counts_restored_states_at_two_bytes_per_element():
     meter.get("b")
     assert meter.stored > meter.full / 2  # the exact state plus the int8 one
     assert storage_ratio(quantized) == pytest.approx(2 / (1 + 2 * 2 / 8))  # codes + bf16 scale and zero
+
+
+def _pt(name, ratio, nll, lo=None, hi=None, k=0):
+    return {"policy": name, "storage_ratio": ratio, "nll_ratio": nll, "nll_ratio_lo": lo or nll - 0.001,
+            "nll_ratio_hi": hi or nll + 0.001, "n_pairs": k}
+
+
+def test_interpolation_is_linear_in_log_storage_ratio_and_stays_in_the_measured_range():
+    import math
+
+    from krul.calibrate import interpolate
+
+    curve = [_pt("int8", 2.0, 1.0), _pt("int4", 8.0, 1.02)]
+    mid = interpolate(curve, 4.0)  # halfway in log
+    assert mid["nll_ratio"] == pytest.approx(1.01) and mid["nll_ratio_hi"] == pytest.approx(1.011)
+    assert interpolate(curve, 2.0)["nll_ratio"] == pytest.approx(1.0)
+    assert interpolate(curve, 1.5) is None and interpolate(curve, 9.0) is None
+    assert interpolate(curve, math.sqrt(2.0 * 8.0))["nll_ratio"] == pytest.approx(1.01)
+
+
+def test_codec_comparison_says_which_side_wins_either_way():
+    from krul.calibrate import codec_comparison, largest_within
+
+    quant_wins = [_pt("int8", 2.0, 1.0), _pt("int4", 4.0, 1.004), _pt("krul-svd-loss-int8", 3.0, 1.008, k=8)]
+    table = codec_comparison(quant_wins, ("krul-svd-loss-int8",), ("int8", "int4"))
+    row = next(l for l in table.splitlines() if l.startswith("| krul-svd-loss-int8"))
+    assert row.endswith("| quantization alone |")
+    krul_wins = [_pt("int8", 2.0, 1.0), _pt("int4", 4.0, 1.02), _pt("krul-svd-loss-int8", 3.0, 1.002, k=8)]
+    table = codec_comparison(krul_wins, ("krul-svd-loss-int8",), ("int8", "int4"))
+    row = next(l for l in table.splitlines() if l.startswith("| krul-svd-loss-int8"))
+    assert row.endswith("| krul-svd-loss-int8 |")
+    assert largest_within([_pt("a", 2.0, 1.0), _pt("a", 3.0, 1.0095, hi=1.0101)]) == 2.0
+    assert largest_within([_pt("a", 2.0, 1.02)]) is None
