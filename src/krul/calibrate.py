@@ -409,8 +409,11 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
 CODEC_ONLY_POLICIES = ("int8", "int4", "kivi")
 # krul-family policies whose payloads a codec quantizes: the pairs of the policy they are calibrated as
 CODEC_PAIR_POLICIES = ("krul-svd-loss-int8", "krul-svd-loss-int4")
+# eviction policies measured at target storage ratios (the curve's `k` is the ratio, n_pairs 0)
+BUDGET_POLICIES = ("h2o",)
+H2O_RATIOS = (2.0, 4.0)
 CURVE_POLICIES = ("krul", "minicache", "kvsharer", "krul-fix", "krul-svd", "krul-fix-svd", "krul-svd-loss",
-                  "krul-fix-svd-loss", *CODEC_PAIR_POLICIES, *CODEC_ONLY_POLICIES)
+                  "krul-fix-svd-loss", *CODEC_PAIR_POLICIES, *CODEC_ONLY_POLICIES, *BUDGET_POLICIES)
 
 
 def with_codec_group(policy, codec_group: int | None):
@@ -422,9 +425,17 @@ def with_codec_group(policy, codec_group: int | None):
                                                "codec": {**codec, "group": int(codec_group)}})
 
 
-def point_pair_counts(name: str, pair_counts) -> tuple:
-    """The pair counts a curve of policy `name` is measured at: (0,) for a codec-only policy."""
+def point_pair_counts(name: str, pair_counts, budget_ratios=H2O_RATIOS) -> tuple:
+    """What a curve of policy `name` is measured at: its pair counts; (0,) for a codec-only policy;
+    the target storage ratios `budget_ratios` for an eviction policy (h2o)."""
+    if name in BUDGET_POLICIES:
+        return tuple(float(r) for r in budget_ratios)
     return (0,) if name in CODEC_ONLY_POLICIES else tuple(pair_counts)
+
+
+def point_key(point: dict) -> tuple:
+    """A measured point's place on its curve: (policy, pair count or h2o's target storage ratio)."""
+    return point["policy"], point.get("target_storage_ratio", point["n_pairs"])
 
 
 def with_rank_ratio_or_self(policy, rank_ratio: float | None):
@@ -456,6 +467,10 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
 
     if name in CODEC_ONLY_POLICIES:
         return with_codec_group(get_policy(name, recompute_ratio=0.0), codec_group)
+    if name in BUDGET_POLICIES:  # k: the target storage ratio
+        from krul.policies import with_budget
+
+        return with_budget(get_policy(name, recompute_ratio=0.0), storage_ratio=float(k))
     if name in CALIBRATED_AS:  # the pairs of the policy it is calibrated as, its own codec on top
         inner = curve_policy(CALIBRATED_AS[name], k, n_layers, cal, tau, rank_ratio, prior_weight, pairing,
                              validate_tokens, rank_alloc)
@@ -516,7 +531,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
            calibration: str | Path | None = None, progress: bool = True,
            out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None,
            prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0,
-           rank_alloc: str = "uniform", codec_group: int | None = None) -> dict:
+           rank_alloc: str = "uniform", codec_group: int | None = None,
+           budget_ratios=H2O_RATIOS) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
@@ -567,8 +583,8 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
                     == _pairing_for(g["policy"], pairing, cal)
                     and g.get("validate_tokens") == _validate_for(g["policy"], validate_tokens))
             if same:
-                done[(g["policy"], g["n_pairs"])] = g
-    grid = [(p, k) for p in policies for k in point_pair_counts(p, pair_counts)]
+                done[point_key(g)] = g
+    grid = [(p, k) for p in policies for k in point_pair_counts(p, pair_counts, budget_ratios)]
     todo = [(p, k) for p, k in grid if (p, k) not in done]
     points = [done[(p, k)] for p, k in grid if (p, k) in done]
     if todo:
@@ -582,7 +598,9 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
             policy = curve_policy(name, k, adapter.n_layers, cal, tau, rank_ratio, prior_weight, pairing,
                                   validate_tokens, rank_alloc, codec_group)
             point = curve_point(adapter, policy, convs, records, base_rows, max_turns, losses)
-            point.update(n_pairs=k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
+            if name in BUDGET_POLICIES:
+                point.update(target_storage_ratio=k, budget_ratio=policy.budget_ratio)
+            point.update(n_pairs=0 if name in BUDGET_POLICIES else k, tau=tau, calibration=cal_path.name, max_turns=max_turns, conversations=ids,
                          rank_ratio=_rank_for(name, rank_ratio, cal), compress=dict(policy.compress_params),
                          prior_weight=_prior_for(name, prior_weight, cal),
                          pairing=_pairing_for(name, pairing, cal),
@@ -706,6 +724,8 @@ def main_curves(argv) -> int:
                    help="svd policies: every pair at the same rank (xKV, default), or each segment's "
                         "K (and V) rank budget spread over its pairs by their own spectra (pairs), "
                         "or over pairs and K/V together (segment); same bytes")
+    p.add_argument("--h2o-ratios", type=float, nargs="+", default=list(H2O_RATIOS),
+                   help="h2o: the target storage ratios (full / stored) its points are measured at")
     p.add_argument("--codec-group", type=int, default=None,
                    help="codec policies (int8, int4, kivi, krul-svd-loss-int8/-int4): the quantization "
                         "group size (default: each policy's own)")
@@ -714,7 +734,7 @@ def main_curves(argv) -> int:
                  pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
                  tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight,
                  pairing=args.pairing, validate_tokens=args.validate_tokens, rank_alloc=args.rank_alloc,
-                 codec_group=args.codec_group)
+                 codec_group=args.codec_group, budget_ratios=tuple(args.h2o_ratios))
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))

@@ -1,14 +1,15 @@
 """The curve policies compress exactly the pairs the curve point names, at recompute ratio 0."""
 import pytest
 
-from krul.calibrate import (CODEC_ONLY_POLICIES, CODEC_PAIR_POLICIES, CURVE_POLICIES, StorageMeter, _compress_for,
+from krul.calibrate import (BUDGET_POLICIES, CODEC_ONLY_POLICIES, CODEC_PAIR_POLICIES, CURVE_POLICIES, StorageMeter, _compress_for,
                             curve_policy, point_pair_counts)
 
 CAL = {"split": "dev", "tau": 0.0, "krul_fix_pairs": [[6, 7], [4, 5], [3, 8]],
        "kvsharer_pairs": [[11, 24], [10, 25], [1, 18]], "krul_fix_loss_pairs": [[0, 24], [1, 23], [16, 17]]}
 
 
-@pytest.mark.parametrize("name", [n for n in CURVE_POLICIES if n not in CODEC_ONLY_POLICIES + CODEC_PAIR_POLICIES])
+@pytest.mark.parametrize("name", [n for n in CURVE_POLICIES
+                                  if n not in CODEC_ONLY_POLICIES + CODEC_PAIR_POLICIES + BUDGET_POLICIES])
 def test_curve_policy_loads_everything_and_targets_k_pairs(name):
     policy = curve_policy(name, 2, 30, CAL, tau=0.25)
     assert policy.name == name
@@ -186,3 +187,13 @@ def test_codec_comparison_says_which_side_wins_either_way():
     assert row.endswith("| krul-svd-loss-int8 |")
     assert largest_within([_pt("a", 2.0, 1.0), _pt("a", 3.0, 1.0095, hi=1.0101)]) == 2.0
     assert largest_within([_pt("a", 2.0, 1.02)]) is None
+
+
+def test_h2o_curve_points_sit_at_their_target_storage_ratios():
+    from krul.calibrate import point_key
+
+    assert point_pair_counts("h2o", (8, 12), budget_ratios=(2, 4)) == (2.0, 4.0)
+    policy = curve_policy("h2o", 4.0, 30, CAL, tau=0.0)
+    assert policy.name == "h2o" and policy.budget_ratio == pytest.approx(0.25) and policy.recompute_ratio == 0.0
+    assert point_key({"policy": "h2o", "n_pairs": 0, "target_storage_ratio": 4.0}) == ("h2o", 4.0)
+    assert point_key({"policy": "int8", "n_pairs": 0}) == ("int8", 0)
