@@ -38,6 +38,7 @@ import torch
 from krul.adapter import BufferCache, ModelAdapter
 from krul.h2o import AttentionScores
 from krul.policies import RestorePolicy, get_policy
+from krul.pricing import full_storage_bytes, state_geometry, state_storage_bytes
 from krul.restore import DiskSource, OpenedFile, restore_cache, restore_into
 from krul.store import DiskStore, KVStore, MissingStateError, StoreError
 
@@ -98,6 +99,8 @@ class TurnResult:
     restore_report: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)  # the plan of the state restored for this turn
     conversation_key: str = ""  # `Conversation.content_key`: id + digest of the messages (cache keys)
+    storage_bytes: int = 0  # the restored state's KV as a bf16 deployment stores it (`pricing.state_storage_bytes`)
+    full_storage_bytes: int = 0  # the full KV of that history at 2 bytes per element (storage ratio = full / stored)
     fallback: str = ""  # the store error whose state this turn recomputed instead of restoring ("" if none)
 
     def to_json(self, full: bool = False) -> dict:
@@ -338,8 +341,11 @@ class Engine:
         restored_plan = dict(state.meta.get("plan", {})) if state is not None else {}
         if state is not None and "validation" in state.meta:  # which candidate plan was stored, and why
             restored_plan["validation"] = state.meta["validation"]
-        loaded_full, loaded_stored, rec_ratio = 0, 0, 0.0
+        loaded_full, loaded_stored, rec_ratio, storage, full_storage = 0, 0, 0.0, 0, 0
         if state is not None:
+            heads, head_dim = state_geometry(state)
+            storage = state_storage_bytes(state)
+            full_storage = full_storage_bytes(state.n_tokens, state.n_layers, heads, head_dim)
             n, lkb = state.n_tokens, adapter.layer_kv_bytes_per_token()
             loaded_full = sum(n - l for l in state.recompute_lengths) * lkb
             loaded_stored = state.kv_bytes()
@@ -353,7 +359,7 @@ class Engine:
             reply_tokens=len(token_nll), reply_nll_sum=nll_sum, reply_token_nll=token_nll,
             recompute_ratio=rec_ratio, loaded_full_bytes=loaded_full, loaded_stored_bytes=loaded_stored,
             restore_report=report.to_dict() if report is not None else {}, plan=restored_plan,
-            fallback=fallback)
+            fallback=fallback, storage_bytes=storage, full_storage_bytes=full_storage)
 
     def _restore(self, conversation_id: str, turn_idx: int, capacity: int, expect_state: bool):
         """(state, cache, report) of the conversation's stored history, or (None, None, None) when

@@ -215,7 +215,7 @@ def summarize(rows: list, model: str, policy: str, references: dict | None = Non
               mtbench_refs: dict | None = None, rouge: bool = False, history: str = "teacher") -> dict:
     """The `krul evaluate` summary from TurnResults (turns >= 2 count for nll and bytes)."""
     per_conv: dict[str, list[float]] = {}
-    stored = full = loaded_full = loaded_stored = rec_num = rec_den = 0
+    stored = full = loaded_full = loaded_stored = rec_num = rec_den = storage = full_storage = 0
     matches, preds_ref, refs_ref, preds_gt, refs_gt = [], [], [], [], []
     for r in rows:
         if r.turn_idx < 1:
@@ -225,6 +225,8 @@ def summarize(rows: list, model: str, policy: str, references: dict | None = Non
         s[1] += r.reply_tokens
         stored += r.stored_bytes
         full += r.full_kv_bytes
+        storage += getattr(r, "storage_bytes", 0)
+        full_storage += getattr(r, "full_storage_bytes", 0)
         loaded_full += r.loaded_full_bytes
         loaded_stored += r.loaded_stored_bytes
         rec_num += r.recompute_ratio * r.history_tokens
@@ -254,7 +256,9 @@ def summarize(rows: list, model: str, policy: str, references: dict | None = Non
         "stored_bytes": stored, "full_kv_bytes": full,
         "compression_ratio": loaded_full / loaded_stored if loaded_stored else None,
         "recompute_ratio": rec_num / rec_den if rec_den else None,
-        "storage_ratio": full / stored if loaded_stored else None,  # null when no KV is stored
+        # full / stored KV, both at 2 bytes per unquantized element (`pricing.storage_ratio`); null
+        # when no KV is stored
+        "storage_ratio": full_storage / storage if storage else None,
         "greedy_match_rate": float(np.mean(matches)) if matches else None,
         "per_conversation": {k: tuple(v) for k, v in per_conv.items()},
     }

@@ -192,3 +192,28 @@ def test_a_fresh_engine_restores_what_another_stored(tiny_chat, reference, tmp_p
     assert b.fallbacks == 0 and not r1.fallback
     assert r1.history_tokens > 0 and r1.stored_bytes > 0 and r1.restore_report["n_tokens"] == r1.history_tokens
     assert [r0.generated_ids, r1.generated_ids] == reference[:2]
+
+
+@pytest.mark.parametrize("policy, expect", [("full-load", 1.0), ("int8", None)])
+def test_turns_count_storage_bytes_at_two_bytes_per_element(tiny_chat, policy, expect):
+    """TurnResult's storage bytes are the restored state's KV as a bf16 deployment stores it, whatever
+    the compute dtype (fp32 here): full-load stores exactly its full KV; int8 keeps more than
+    half of it here (short segments: partial groups pay whole scales), far from its fp32 quarter."""
+    from krul.evaluation import summarize
+    from krul.pricing import state_storage_bytes
+
+    store = make_store("pageable")
+    engine = Engine(tiny_chat, policy, store, max_new_tokens=2)
+    seen = []
+    get = store.get
+    store.get = lambda key: seen.append(get(key)) or seen[-1]
+    rows = _run(engine, "bytes", turns=TURNS[:3])
+    assert rows[0].storage_bytes == 0 and all(r.storage_bytes > 0 for r in rows[1:])
+    assert [r.storage_bytes for r in rows[1:]] == [state_storage_bytes(s) for s in seen]
+    ratio = summarize(rows, "tiny", policy)["storage_ratio"]
+    if expect is not None:
+        assert ratio == pytest.approx(expect)
+        assert all(r.full_storage_bytes * 2 == r.full_kv_bytes for r in rows[1:])  # fp32 = 2x bf16
+    else:
+        fp32 = sum(r.full_kv_bytes for r in rows[1:]) / sum(r.stored_bytes for r in rows[1:])
+        assert 1.0 < ratio < 2.0 and fp32 > 1.5 * ratio  # short segments: partial groups cost scales

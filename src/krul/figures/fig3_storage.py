@@ -40,19 +40,35 @@ def run(cfg: dict) -> pd.DataFrame:
                     out.append({"model": model, "policy": policy_name, "conversation_id": conv.id,
                                 "turn_idx": r["turn_idx"], "history_tokens": r["history_tokens"],
                                 "stored_bytes": r["stored_bytes"], "full_kv_bytes": r["full_kv_bytes"],
+                                "storage_bytes": r.get("storage_bytes"),
+                                "full_storage_bytes": r.get("full_storage_bytes"),
                                 "recompute_ratio": r["recompute_ratio"],
                                 "n_pairs": len((r.get("plan") or {}).get("pairs", []) or [])})
     for s in skipped:
         print(f"skipped (not measured): {s}")
     df = pd.DataFrame(out)
     if not df.empty:
-        df["storage_ratio"] = df.full_kv_bytes / df.stored_bytes.where(df.stored_bytes > 0)
+        full, stored = _bytes(df)
+        df["storage_ratio"] = df[full] / df[stored].where(df[stored] > 0)
     return df
 
 
+def _bytes(df) -> tuple[str, str]:
+    """The (full, stored) byte columns a storage ratio is taken from: the bf16 storage bytes
+    (`TurnResult.storage_bytes`, 2 bytes per unquantized element), or for runs recorded before
+    they existed the model-dtype bytes."""
+    if "storage_bytes" in df and df["storage_bytes"].notna().all() and (df["storage_bytes"] > 0).any():
+        return "full_storage_bytes", "storage_bytes"
+    return "full_kv_bytes", "stored_bytes"
+
+
 def claim(df, cfg):
-    """full_kv_bytes / stored_bytes of the claim's policy (krul), summed over its turns at the longest history."""
+    """Full / stored KV bytes of the claim's policy (krul), summed over its turns at the longest history
+    (bf16 storage bytes; model-dtype bytes for runs that predate them)."""
     d = largest(df[df.policy == cfg["claim"].get("policy", "krul")])
-    if d.empty or d.stored_bytes.sum() == 0:
+    if d.empty:
         return None
-    return float(d.full_kv_bytes.sum() / d.stored_bytes.sum())
+    full, stored = _bytes(d)
+    if d[stored].sum() == 0:
+        return None
+    return float(d[full].sum() / d[stored].sum())
