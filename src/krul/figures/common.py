@@ -181,20 +181,52 @@ def policy_key(policy) -> str:
     return f"{policy.name}#{hashlib.sha256(repr(policy).encode()).hexdigest()[:12]}"
 
 
-class PartialResults:
-    """Finished units of a long loop as JSON lines (`{"key": ..., "value": ...}`), for resuming."""
+def run_stamp(cfg: dict | None) -> str:
+    """What a figure's finished units depend on beyond their own keys: the library's source
+    (`evaluation.code_version`, any edit of src/krul, committed or not) and the resolved config
+    (without where it is written)."""
+    import hashlib
 
-    def __init__(self, out_dir, name: str):
+    from krul.evaluation import code_version
+
+    conf = {k: v for k, v in (cfg or {}).items() if k not in ("out_dir", "overrides")}
+    blob = json.dumps(conf, sort_keys=True, default=str)
+    return f"{code_version()}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+class PartialResults:
+    """Finished units of a long loop as JSON lines (`{"key": ..., "value": ...}`), for resuming.
+
+    The file's first line stamps what produced it (`run_stamp(cfg)`: source digest and resolved
+    config). A file with another stamp, or none, is not reused: it is moved aside to
+    `<name>.stale-<stamp>.jsonl` (nothing is deleted), the units are recomputed, and this is said
+    once on stdout."""
+
+    def __init__(self, out_dir, name: str, cfg: dict | None = None):
         self.path = Path(out_dir) / "partial" / f"{name}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stamp = run_stamp(cfg)
         self.done: dict[str, object] = {}
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            lines = self.path.read_text().splitlines()
+            try:
+                stamp = json.loads(lines[0]).get("stamp") if lines else None
+            except (json.JSONDecodeError, AttributeError):
+                stamp = None
+            if stamp != self.stamp:
+                aside = self.path.with_name(f"{name}.stale-{stamp or 'unstamped'}.jsonl")
+                self.path.replace(aside)
+                print(f"{name}: the saved partial results were made by other code or settings "
+                      f"(stamp {stamp or 'none'}, now {self.stamp}); recomputing them (old file kept as {aside.name})")
+                lines = []
+            for line in lines[1:]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by the interruption: redo that unit
                     continue
                 self.done[rec["key"]] = rec["value"]
+        if not self.path.exists():
+            self.path.write_text(json.dumps({"stamp": self.stamp}) + "\n")
 
     def __contains__(self, key: str) -> bool:
         return key in self.done
@@ -304,7 +336,7 @@ def long_context_turn(engine, conv, new_input_tokens: int = 128, max_context_tok
 def estimator_stats(adapter, convs, max_turns: int, cfg: dict, cache_name: str) -> list[dict]:
     """Per conversation: layer-pair distances, boundary ratios and the krul selector's pairs, from
     replaying it with the estimator (policy `krul-fixed-split`: krul's selector, no rates needed)."""
-    cache = PartialResults(cfg["out_dir"], cache_name)
+    cache = PartialResults(cfg["out_dir"], cache_name, cfg)
     engine = None
     out = []
     for conv in progress(convs, f"{adapter.name} estimator"):

@@ -16,7 +16,7 @@ METRIC = "storage_ratio_at_longest"  # the name experiments/fig3_storage.yaml gi
 
 def run(cfg: dict) -> pd.DataFrame:
     """Stored bytes of each restored state per policy and model vs its history length (turn rows)."""
-    cache = PartialResults(cfg["out_dir"], "fig3_storage")
+    cache = PartialResults(cfg["out_dir"], "fig3_storage", cfg)
     ds = cfg["conversations"]
     out, skipped = [], []
     for model in cfg["models"]:

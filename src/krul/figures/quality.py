@@ -87,7 +87,7 @@ def _policy_list(cfg: dict) -> list[str]:
 
 def replay_quality(cfg: dict, datasets: list[dict], cache_name: str) -> pd.DataFrame:
     """Replay each dataset's conversations under each policy and model; summarise per policy."""
-    cache = PartialResults(cfg["out_dir"], cache_name)
+    cache = PartialResults(cfg["out_dir"], cache_name, cfg)
     out, skipped = [], []
     for model in cfg["models"]:
         adapter = get_adapter(model, cfg["device"])
