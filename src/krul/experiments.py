@@ -42,7 +42,7 @@ import yaml
 from krul import paths
 from krul.figures import (fig1_similarity_variability, fig2_ttft, fig3_storage, fig4_accuracy, fig5_ratio_sweep,
                           fig6_restore_timeline, fig7_estimator_overhead, fig8_ablation, fig9_history_length)
-from krul.figures.common import ExperimentError, MissingComponent, finite
+from krul.figures.common import ExperimentError, MissingComponent, NotApplicable, finite
 from krul.figures.common import PartialResults, policy_key  # noqa: F401 - re-exported for notebooks and tests
 
 PROFILES = ("smoke", "default", "full")
@@ -339,7 +339,9 @@ def check_claim(cfg: dict, df: pd.DataFrame) -> dict:
     """Evaluate the YAML's predicate `metric op threshold` (+- tolerance) on the data.
 
     Returns {"metric", "value", "op", "threshold", "tolerance", "verdict", "text"}; the verdict is
-    "holds", "does not hold", "not measured" (the metric could not be computed from these rows), or
+    "holds", "does not hold", "not measured" (the metric could not be computed from these rows),
+    "not applicable" (the metric raised `NotApplicable`: the data does not meet the claim's premise;
+    the reason is in the text), or
     "smoke run: not a measurement": a smoke run's data is too small to judge a claim by, whichever way
     it would come out.
     """
@@ -348,14 +350,19 @@ def check_claim(cfg: dict, df: pd.DataFrame) -> dict:
     fn = CLAIM_METRICS.get(name)
     if fn is None:
         raise ExperimentError(f"{cfg['slug']}: unknown claim metric {name!r}; known: {', '.join(CLAIM_METRICS)}")
+    applicable = True
     try:
         value = fn(df, cfg)
+    except NotApplicable as e:  # the data does not meet the claim's premise: say why
+        value, err, applicable = None, str(e), False
     except Exception as e:  # noqa: BLE001 - a metric that cannot be computed is "not measured"
         value, err = None, f"{type(e).__name__}: {e}"
     else:
         err = None
     op, thr, tol = claim.get("op", ">="), float(claim.get("threshold", 0)), float(claim.get("tolerance", 0))
-    if not finite(value):
+    if not applicable:
+        verdict = "not applicable"
+    elif not finite(value):
         verdict = "not measured"
     elif cfg.get("profile") == "smoke":  # a smoke run checks that the pipeline runs, not the claim
         verdict = "smoke run: not a measurement"

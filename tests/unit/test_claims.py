@@ -48,3 +48,19 @@ def test_fig2_predicate_fails_when_any_baseline_is_faster():
     df.loc[(df.tier == "disk") & (df.policy == "cake") & (df.history_tokens == 512), "ttft_s"] = 0.2
     bad = experiments.check_claim(cfg, df)
     assert bad["verdict"] == "does not hold" and abs(bad["value"] - 0.2 / 0.3) < 1e-9
+
+
+def test_fig8_predicate_is_not_applicable_when_no_layer_was_protected():
+    """fig8 compares krul with krul-no-preempt: it holds when protecting layers lowers the nll, fails
+    when it raises it, and is 'not applicable' (with the reason) when krul protected no layer, where
+    the two policies are the same and a ratio of 1.0 would hold vacuously."""
+    cfg = {"slug": "fig8_ablation", "profile": "default",
+           "claim": {"metric": "nll_krul_over_no_preempt", "op": "<=", "threshold": 1.0, "tolerance": 0.005}}
+
+    def rows(krul_nll, protected):
+        return pd.DataFrame([{"policy": "krul", "nll": krul_nll, "protected_layers": protected},
+                             {"policy": "krul-no-preempt", "nll": 2.0, "protected_layers": 0.0}])
+    assert experiments.check_claim(cfg, rows(1.9, 2.0))["verdict"] == "holds"
+    assert experiments.check_claim(cfg, rows(2.2, 2.0))["verdict"] == "does not hold"
+    vacuous = experiments.check_claim(cfg, rows(2.0, 0.0))
+    assert vacuous["verdict"] == "not applicable" and "protected no layer" in vacuous["text"]

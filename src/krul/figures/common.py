@@ -23,6 +23,11 @@ class ExperimentError(ValueError):
     """Bad config, unknown figure or profile: the message says what to do."""
 
 
+class NotApplicable(ValueError):
+    """A claim whose premise the data does not meet (say, an ablation of a component that never
+    acted): its verdict is "not applicable", with this message as the reason."""
+
+
 class MissingComponent(RuntimeError):
     """A library piece a figure needs (estimator, profiler, bench) is not importable here."""
 

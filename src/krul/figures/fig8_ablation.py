@@ -9,7 +9,7 @@ import copy
 
 import pandas as pd
 
-from krul.figures.common import (MissingComponent, estimator_stats, finite, get_adapter, make_policy,
+from krul.figures.common import (MissingComponent, NotApplicable, estimator_stats, finite, get_adapter, make_policy,
                                  select_conversations)
 from krul.figures.quality import replay_quality
 
@@ -32,10 +32,17 @@ def run(cfg: dict) -> pd.DataFrame:
 
 
 def claim(df, cfg):
-    """nll(krul) / nll(krul-no-preempt) (means over models and datasets when several rows)."""
+    """nll(krul) / nll(krul-no-preempt) (means over models and datasets when several rows).
+    Not applicable when krul's selector protected no layer in any restored plan: krul is then
+    krul-no-preempt, and the ratio (1.0) says nothing about protecting layers."""
     d = df.set_index("policy")
     if "krul" not in d.index or "krul-no-preempt" not in d.index:
         return None
+    if "protected_layers" in df:
+        protected = pd.to_numeric(df.loc[df.policy == "krul", "protected_layers"], errors="coerce")
+        if protected.notna().any() and float(protected.fillna(0).max()) == 0.0:
+            raise NotApplicable("krul's selector protected no layer at its tau in any restored plan, so krul "
+                                "equals krul-no-preempt here; the ablation needs a tau that protects a layer")
     a, b = d.loc["krul", "nll"], d.loc["krul-no-preempt", "nll"]
     if isinstance(a, pd.Series):
         a, b = a.mean(), b.mean()

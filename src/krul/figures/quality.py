@@ -63,8 +63,17 @@ def _quality_summary(rows_by_policy: dict, model: str, dataset: str, history: st
             "stored_bytes": s["stored_bytes"], "full_kv_bytes": s["full_kv_bytes"],
             "storage_ratio": s["storage_ratio"], "compression_ratio": s["compression_ratio"],
             "recompute_ratio": s["recompute_ratio"],
+            # layers the selector protected (kept exact as input-sensitive), mean over restored plans
+            "protected_layers": _mean_protected(turns),
         })
     return out
+
+
+def _mean_protected(turns) -> float | None:
+    """Mean number of layers the restored states' plans protected (`CompressionPlan.sensitive`),
+    over the turns that restored a plan (None when none did)."""
+    counts = [len(t.plan.get("sensitive", ()) or ()) for t in turns if t.turn_idx >= 1 and t.plan]
+    return float(np.mean(counts)) if counts else None
 
 
 def _bootstrap_mean(values, n_boot=2000, seed=0, level=0.95):
