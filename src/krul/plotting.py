@@ -184,7 +184,12 @@ def plot_fig6_restore_timeline(df: pd.DataFrame):
         ax.set_yticks(range(len(streams)))
         ax.set_yticklabels(streams)
         r = d.recompute_ratio.iloc[0] if not d.empty else float("nan")
-        ax.set_title(f"{run} | {variant}: r={r:.2f}, restore {d.restore_s.max() * 1e3:.1f} ms", fontsize=9)
+        extra = ""
+        if "bubble_s" in d and d.bubble_s.notna().any():
+            extra = f", idle inside streams {d.bubble_s.max() * 1e3:.1f} ms"
+        if "single_stream" in d and bool(d.single_stream.fillna(False).any()):
+            extra += " (single stream: the split recomputes nothing or loads nothing)"
+        ax.set_title(f"{run} | {variant}: r={r:.2f}, restore {d.restore_s.max() * 1e3:.1f} ms{extra}", fontsize=9)
     axes[-1, 0].set_xlabel("ms since restore start")
     fig.suptitle(title)
     fig.tight_layout()

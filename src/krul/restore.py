@@ -887,11 +887,13 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
 
 
 def restore_cache(adapter: ModelAdapter, state: StoredState | DiskSource, extra_tokens: int = 0,
-                  grow: bool = False, overlap: bool = True) -> tuple[BufferCache, "RestoreReport"]:
+                  grow: bool = False, overlap: bool = True,
+                  timeline: bool = False) -> tuple[BufferCache, "RestoreReport"]:
     """Restore a state's history into a fresh `BufferCache` that the next forwards continue from.
 
     extra_tokens : capacity beyond the history (new input, decoded tokens) so that the forwards
         that follow write in place; `grow` lets the cache reallocate past it instead of raising.
+    timeline : record the per-layer events of both streams (`report.events`, `restore_into`).
     Returns the cache (holding `n_tokens` tokens) and the report (`recompute_s`, `load_s`, `restore_s`).
     """
     if isinstance(state, DiskSource):
@@ -903,7 +905,7 @@ def restore_cache(adapter: ModelAdapter, state: StoredState | DiskSource, extra_
     cache = BufferCache.for_adapter(adapter, n + int(extra_tokens), grow=grow)
     if adapter.device.type == "cuda":
         torch.cuda.synchronize(adapter.device)
-    report = restore_into(adapter, state, cache, overlap=overlap)
+    report = restore_into(adapter, state, cache, overlap=overlap, timeline=timeline)
     return cache, report
 
 

@@ -64,3 +64,25 @@ def test_fig8_predicate_is_not_applicable_when_no_layer_was_protected():
     assert experiments.check_claim(cfg, rows(2.2, 2.0))["verdict"] == "does not hold"
     vacuous = experiments.check_claim(cfg, rows(2.0, 0.0))
     assert vacuous["verdict"] == "not applicable" and "protected no layer" in vacuous["text"]
+
+
+def test_fig6_bubbles_are_idle_time_inside_each_stream():
+    """A stream's bubble is the gap between its events (not the time before its first one); a split
+    that recomputes nothing is marked single-stream."""
+    from krul.figures.fig6_restore_timeline import stream_bubbles, with_bubbles
+
+    ev = pd.DataFrame([
+        {"variant": "fixed", "stream": "load", "layer_idx": 0, "start_s": 0.0, "end_s": 0.1, "recompute_ratio": 0.4},
+        {"variant": "fixed", "stream": "load", "layer_idx": 1, "start_s": 0.5, "end_s": 0.6, "recompute_ratio": 0.4},
+        {"variant": "fixed", "stream": "recompute", "layer_idx": 0, "start_s": 0.2, "end_s": 0.4,
+         "recompute_ratio": 0.4},
+        {"variant": "fixed", "stream": "recompute", "layer_idx": 1, "start_s": 0.3, "end_s": 0.45,
+         "recompute_ratio": 0.4},
+        {"variant": "bubble-free", "stream": "load", "layer_idx": 0, "start_s": 0.0, "end_s": 0.2,
+         "recompute_ratio": 0.0}])
+    bubbles = stream_bubbles(ev[ev.variant == "fixed"])
+    assert abs(bubbles["load"] - 0.4) < 1e-12 and abs(bubbles["recompute"]) < 1e-12  # overlap is busy
+    out = with_bubbles(ev)
+    fixed, free = out[out.variant == "fixed"].iloc[0], out[out.variant == "bubble-free"].iloc[0]
+    assert abs(fixed.bubble_s - 0.4) < 1e-12 and not fixed.single_stream
+    assert free.bubble_s == 0.0 and free.single_stream

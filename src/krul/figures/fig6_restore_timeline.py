@@ -54,7 +54,7 @@ def run(cfg: dict) -> pd.DataFrame:
     for variant, split in splits.items():
         store.put("s", build_state(adapter.fingerprint(), torch.tensor(hist), kv, split.lengths, None,
                                    pairs=plan.pairs, compress_kwargs={"retain_ratio": retain}))
-        timed = time_restore(adapter, store, "s", new, cfg.get("repeats", 1))
+        timed = time_restore(adapter, store, "s", new, cfg.get("repeats", 1), timeline=True)
         best = min(timed, key=lambda t: t["report"].restore_s)
         rep = best["report"]
         for ev in rep.events:
@@ -70,7 +70,40 @@ def run(cfg: dict) -> pd.DataFrame:
                              "recompute_s": rep.recompute_s, "load_s": rep.load_s,
                              "recompute_ratio": split.recompute_ratio, "history_tokens": n,
                              "rates_source": source})
-    return pd.DataFrame(rows)
+    return with_bubbles(pd.DataFrame(rows))
+
+
+def stream_bubbles(events: pd.DataFrame) -> dict[str, float]:
+    """Per stream, its idle time between its first event's start and its last event's end: that
+    span minus the union of its events (seconds). A stream with no events has none."""
+    out = {}
+    for stream, ev in events.groupby("stream"):
+        spans = sorted(zip(ev.start_s, ev.end_s))
+        busy, cur_s, cur_e = 0.0, None, None
+        for s0, s1 in spans:
+            if cur_e is None or s0 > cur_e:
+                busy += 0.0 if cur_e is None else cur_e - cur_s
+                cur_s, cur_e = s0, s1
+            else:
+                cur_e = max(cur_e, s1)
+        busy += cur_e - cur_s
+        out[stream] = max(0.0, max(e for _, e in spans) - min(a for a, _ in spans) - busy)
+    return out
+
+
+def with_bubbles(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with, per variant, `bubble_s` (the summed idle time of its streams, `stream_bubbles`)
+    and `single_stream` (the split recomputes nothing or loads nothing: one stream, no balance to
+    strike, which the figure then says)."""
+    if df.empty:
+        return df
+    df = df.copy()
+    for variant, d in df.groupby("variant"):
+        per_layer = d[d.layer_idx >= 0]
+        df.loc[df.variant == variant, "bubble_s"] = sum(stream_bubbles(per_layer).values()) if len(per_layer) else None
+        ratio = float(d.recompute_ratio.iloc[0])
+        df.loc[df.variant == variant, "single_stream"] = ratio <= 0.0 or ratio >= 1.0
+    return df
 
 
 def claim(df, cfg):

@@ -65,8 +65,10 @@ def prefill_kv(adapter, ids: list[int]):
         return adapter.kv_from_cache(cache)
 
 
-def time_restore(adapter, store, key: str, new_ids: list[int], repeats: int, warmup: int = 1) -> list[dict]:
-    """Restore a stored state and prefill `new_ids` over it; per repeat restore_s, ttft_s, the report."""
+def time_restore(adapter, store, key: str, new_ids: list[int], repeats: int, warmup: int = 1,
+                 timeline: bool = False) -> list[dict]:
+    """Restore a stored state and prefill `new_ids` over it; per repeat restore_s, ttft_s, the report
+    (with its per-layer events when `timeline`)."""
     import torch
 
     from krul.restore import restore_cache
@@ -76,7 +78,7 @@ def time_restore(adapter, store, key: str, new_ids: list[int], repeats: int, war
         with torch.inference_mode():
             t0 = time.perf_counter()
             state = store.get(key)
-            cache, report = restore_cache(adapter, state, extra_tokens=len(new_ids))
+            cache, report = restore_cache(adapter, state, extra_tokens=len(new_ids), timeline=timeline)
             t1 = time.perf_counter()
             logits = adapter.forward(torch.tensor([new_ids], dtype=torch.long), cache, logits_to_keep=1)
             int(logits[0, -1].argmax())
