@@ -476,6 +476,24 @@ def summary_rows() -> list[dict]:
     return rows
 
 
+def judge_reference(slug: str, run: str, policy: str | None = None) -> dict:
+    """The verdict of the committed reference run `results/<slug>/reference/<run>/data.csv` under its
+    figure's claim (the default profile's config; `policy` replaces the claim's policy), saved into
+    that run's env.json beside its provenance."""
+    refs = reference_runs(slug)
+    if run not in refs:
+        raise ExperimentError(f"{slug}: no reference run {run!r}; known: {', '.join(refs) or 'none'}")
+    cfg = load_config(slug, "default", device="cpu", out_dir=str(refs[run].parent))
+    cfg["run"] = run
+    if policy:
+        cfg["claim"] = {**cfg["claim"], "policy": policy}
+    verdict = check_claim(cfg, pd.read_csv(refs[run]))
+    if policy:
+        verdict["policy"] = policy
+    save_verdict(cfg, verdict)
+    return verdict
+
+
 def format_value(x) -> str:
     """How REPRODUCE.md quotes a verdict value (3 decimals); 'not measured' for a missing one."""
     return "not measured" if x is None or not finite(x) else f"{float(x):.3f}"
@@ -519,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--all", action="store_true")
     sub.add_parser("list", help="the figures")
     sub.add_parser("summary", help="verdicts and wall times of the committed reference runs")
+    v = sub.add_parser("verdict", help="judge a committed reference run (say a GPU one) by its figure's claim "
+                                       "and save the verdict in its env.json")
+    v.add_argument("slug")
+    v.add_argument("run", help="the folder under results/<slug>/reference/ (e.g. h200-37ed210)")
+    v.add_argument("--policy", default=None,
+                   help="the policy the claim is about in this run (default the YAML's; e.g. krul-svd-loss "
+                        "where the bench's krul row is that policy)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -528,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "redraw":
             for slug in (slugs() if args.all or not args.slugs else args.slugs):
                 redraw(slug)
+        elif args.cmd == "verdict":
+            print(judge_reference(args.slug, args.run, args.policy)["text"])
         elif args.cmd == "summary":
             print("| figure | run | metric | ours | predicate | holds? | notebook wall (s) | git sha |")
             print("| --- | --- | --- | --- | --- | --- | --- | --- |")
