@@ -360,12 +360,12 @@ def check_claim(cfg: dict, df: pd.DataFrame) -> dict:
     else:
         err = None
     op, thr, tol = claim.get("op", ">="), float(claim.get("threshold", 0)), float(claim.get("tolerance", 0))
-    if not applicable:
+    if cfg.get("profile") == "smoke" and (finite(value) or not applicable):
+        verdict = "smoke run: not a measurement"  # a smoke run checks that the pipeline runs, not the claim
+    elif not applicable:
         verdict = "not applicable"
     elif not finite(value):
         verdict = "not measured"
-    elif cfg.get("profile") == "smoke":  # a smoke run checks that the pipeline runs, not the claim
-        verdict = "smoke run: not a measurement"
     elif op == ">=":
         verdict = "holds" if value >= thr - tol else "does not hold"
     elif op == "<=":

@@ -86,3 +86,11 @@ def test_fig6_bubbles_are_idle_time_inside_each_stream():
     fixed, free = out[out.variant == "fixed"].iloc[0], out[out.variant == "bubble-free"].iloc[0]
     assert abs(fixed.bubble_s - 0.4) < 1e-12 and not fixed.single_stream
     assert free.bubble_s == 0.0 and free.single_stream
+
+
+def test_a_smoke_run_is_not_judged_even_when_the_claim_does_not_apply():
+    cfg = {"slug": "fig8_ablation", "profile": "smoke",
+           "claim": {"metric": "nll_krul_over_no_preempt", "op": "<=", "threshold": 1.0}}
+    df = pd.DataFrame([{"policy": "krul", "nll": 2.0, "protected_layers": 0.0},
+                       {"policy": "krul-no-preempt", "nll": 2.0, "protected_layers": 0.0}])
+    assert experiments.check_claim(cfg, df)["verdict"] == "smoke run: not a measurement"
