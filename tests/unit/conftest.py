@@ -58,3 +58,22 @@ def tiny_chat():
 def make_tiny_chat():
     """`tiny_chat_adapter` itself (tests that need their own model, e.g. a short context)."""
     return tiny_chat_adapter
+
+
+@pytest.fixture(scope="session")
+def forge_header():
+    """`forge(blob, edit)`: the state file `blob` with its JSON header changed by `edit(header)` and
+    checksummed again (a bug, not a bit flip), for tests that the schema still refuses it."""
+    import hashlib
+    import json
+
+    from krul.store import MAGIC, PREFIX_NBYTES
+
+    def forge(blob: bytes, edit) -> bytes:
+        n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
+        h = json.loads(blob[PREFIX_NBYTES:PREFIX_NBYTES + n])
+        edit(h)
+        new = json.dumps(h).encode()
+        head = MAGIC + len(new).to_bytes(8, "little")
+        return head + hashlib.sha256(head + new).digest() + new + blob[PREFIX_NBYTES + n:]
+    return forge

@@ -14,7 +14,7 @@ from krul.estimator import AttentionEstimator
 from krul.policies import PolicyError, get_policy, with_budget
 from krul.pricing import evicted_nbytes, full_storage_bytes, state_storage_bytes, storage_nbytes, storage_ratio
 from krul.restore import restore_cache
-from krul.store import (MAGIC, PREFIX_NBYTES, CorruptStateError, DiskStore, MemoryStore, TieredStore,
+from krul.store import (CorruptStateError, DiskStore, MemoryStore, TieredStore,
                         deserialize, make_store, serialize)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -394,13 +394,10 @@ def test_disk_and_packed_tiers_restore_what_pageable_does(tiny_chat, evicted_run
     assert [r.offloaded_bytes for r in got] == [r.offloaded_bytes for r in ref]
 
 
-def test_evicted_state_file_round_trips_and_its_schema_is_checked(evicted_runs):
+def test_evicted_state_file_round_trips_and_its_schema_is_checked(evicted_runs, forge_header):
     """An evicted state serializes and deserializes to the same tensors; a header edited (and re-checksummed)
     to give positions another dtype, scores another shape, two layers or more kept tokens than its range
     is refused as corrupt."""
-    import hashlib
-    import json
-
     state = evicted_runs["kv"][2][2]
     blob = serialize(state)
     back = deserialize(blob)
@@ -408,15 +405,6 @@ def test_evicted_state_file_round_trips_and_its_schema_is_checked(evicted_runs):
         assert (a.layers, a.start, a.end) == (b.layers, b.start, b.end)
         for name, t in a.payload.tensors().items():
             assert torch.equal(t, b.payload.tensors()[name])
-    n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
-    body = blob[PREFIX_NBYTES + n:]
-
-    def forge(edit):
-        h = json.loads(blob[PREFIX_NBYTES:PREFIX_NBYTES + n])
-        edit(h)
-        new = json.dumps(h).encode()
-        head = MAGIC + len(new).to_bytes(8, "little")
-        return head + hashlib.sha256(head + new).digest() + new + body
 
     def retype(h):
         e = h["tensors"]["0.positions"]
@@ -429,7 +417,7 @@ def test_evicted_state_file_round_trips_and_its_schema_is_checked(evicted_runs):
     for edit in (retype, reshape, lambda h: h["items"][0].update(layers=[0, 1]),
                  lambda h: h["items"][0].update(end=1), lambda h: h["items"][0].update(keys=["keys", "values"])):
         with pytest.raises(CorruptStateError):
-            deserialize(forge(edit))
+            deserialize(forge_header(blob, edit))
 
 
 def test_engine_refuses_what_cannot_hold_evicted_states(tiny_chat, tmp_path):
