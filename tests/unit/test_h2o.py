@@ -1,6 +1,8 @@
 """H2O eviction (policy "h2o", `krul.h2o`) on a tiny random chat model (CPU): the budget and its byte
 accounting, the selection, the restore of a history with positions left out (against a full-KV forward
 that masks the dropped tokens per layer and KV head), re-eviction over turns, and the engine's refusals."""
+import contextlib
+
 import pytest
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -284,12 +286,7 @@ def test_restore_with_left_out_positions_is_masked_attention(tiny_chat, evicted_
     tokens, logits = _greedy(adapter, cache, new_ids, 8)
     assert all(layer.get_seq_length() == n + new_ids.shape[1] + 8 for layer in cache.layers)
 
-    full = _reference_cache(state, adapter.n_kv_heads)
-    AttentionInterface.register(_REF, _reference_attention)
-    AttentionMaskInterface.register(_REF, sdpa_mask)
-    _KEPT.clear()
-    _KEPT.update(_kept_masks(state))
-    with adapter.attention_implementation(_REF):
+    with _masked_reference(adapter, state) as full:
         ref_tokens, ref_logits = _greedy(adapter, full, new_ids, 8)
     assert tokens == ref_tokens
     for a, b in zip(logits, ref_logits):
@@ -350,12 +347,7 @@ def test_engine_next_turn_matches_masked_attention(tiny_chat, evicted_runs):
                                    {"role": "assistant", "content": TURNS[3][1]}], add_generation_prompt=False)
     state = states[2]
     assert ctx[:state.n_tokens] == state.token_ids.tolist()
-    full = _reference_cache(state, tiny_chat.n_kv_heads)
-    AttentionInterface.register(_REF, _reference_attention)
-    AttentionMaskInterface.register(_REF, sdpa_mask)
-    _KEPT.clear()
-    _KEPT.update(_kept_masks(state))
-    with tiny_chat.attention_implementation(_REF):
+    with _masked_reference(tiny_chat, state) as full:
         logits = tiny_chat.forward(torch.tensor([end[state.n_tokens:]]), full)[0]
     logp = torch.log_softmax(logits[len(ctx) - state.n_tokens - 1:-1], dim=-1)
     reply = torch.tensor(end[len(ctx):])
@@ -392,6 +384,20 @@ def test_disk_and_packed_tiers_restore_what_pageable_does(tiny_chat, evicted_run
     assert [r.generated_ids for r in got] == [r.generated_ids for r in ref]
     torch.testing.assert_close([r.reply_nll_sum for r in got], [r.reply_nll_sum for r in ref], atol=1e-5, rtol=0)
     assert [r.offloaded_bytes for r in got] == [r.offloaded_bytes for r in ref]
+
+
+
+@contextlib.contextmanager
+def _masked_reference(adapter, state):
+    """The full-KV reference of an evicted `state` (`_reference_cache`) and, inside the block, the
+    adapter's attention masking each layer's and KV head's dropped positions (`_kept_masks`)."""
+    full = _reference_cache(state, adapter.n_kv_heads)
+    AttentionInterface.register(_REF, _reference_attention)
+    AttentionMaskInterface.register(_REF, sdpa_mask)
+    _KEPT.clear()
+    _KEPT.update(_kept_masks(state))
+    with adapter.attention_implementation(_REF):
+        yield full
 
 
 def test_evicted_state_file_round_trips_and_its_schema_is_checked(evicted_runs, forge_header):
