@@ -475,6 +475,15 @@ class _Loader:
                 self.clock.add("h2d", job.item.layers, a, copied)
         return copied
 
+    def issue_all(self, batch: int) -> None:
+        """Issue every remaining job, `batch` at a time, each batch's copies before its placements:
+        the body of the loader's own issue thread (`restore_into(issue="thread")`), so the
+        recompute launches on the calling thread never wait behind the loader's issue work."""
+        while self.pending:
+            if self.abort:
+                raise _Abort()
+            self.issue_direct(max(1, batch))
+
     @property
     def pending(self) -> int:
         return len(self.jobs) - self.next_job
@@ -677,6 +686,9 @@ class _Loader:
         return -1
 
 
+ISSUE_MODES = ("interleaved", "thread")  # restore_into's `issue`: who enqueues direct CUDA loads
+
+
 class _null_ctx:
     def __enter__(self):
         return self
@@ -731,7 +743,8 @@ def _fingerprint(adapter: ModelAdapter) -> dict:
 def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str | Path, cache: BufferCache,
                  overlap: bool = True, timeline: bool = False, verify: bool = True,
                  pool: HostPool | None = None, n_readers: int | None = None,
-                 lookahead: int = 2, recompute: bool = True, join: str = "end") -> RestoreReport:
+                 lookahead: int = 2, recompute: bool = True, join: str = "end",
+                 issue: str = "interleaved") -> RestoreReport:
     """Restore a stored history into `cache` (its layers then hold `n_tokens` tokens).
 
     Parameters
@@ -742,7 +755,16 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
     overlap : run recompute and loads concurrently (False: load everything, then recompute).
     timeline : record per-layer events (`report.events`); otherwise only the stream spans.
     verify : check a disk body's sha256 while streaming it (raises `StoreError` on mismatch).
-    lookahead : pinned CUDA loads: items enqueued ahead of each recomputed layer.
+    lookahead : pinned CUDA loads: items enqueued ahead of each recomputed layer (`issue="interleaved"`),
+        or per batch of the loader's issue thread (`issue="thread"`).
+    issue : who enqueues the direct (pinned, CUDA) loads while layers are recomputed.
+        "interleaved": the calling thread, `lookahead` items up front and then a share of the rest at
+        the start of each recomputed layer (the cost model's `load_issue_lookahead` prices that
+        host work into the recomputed layers). "thread": a loader thread of its own issues them all,
+        `lookahead` per batch, from the start, so the recompute launches never wait behind the
+        loader's issue work (they may still share the interpreter lock with it). On the CPU the
+        loads always run on a worker thread; pool-mode (pageable, disk) loads always have their
+        own issuer thread.
     recompute : False times the loads alone (profiling): recomputed regions are left unwritten.
     join : "end" joins every stream and synchronizes before returning. "layer" (CUDA) returns once
         everything is enqueued, leaving per-layer ready events in the cache: each layer's first
@@ -757,6 +779,8 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
     device = adapter.device
     if join not in ("end", "layer"):
         raise ValueError(f"join must be 'end' or 'layer', not {join!r}")
+    if issue not in ISSUE_MODES:
+        raise ValueError(f"issue must be one of {ISSUE_MODES}, not {issue!r}")
     cache.join()  # a previous per-layer restore into these buffers must be complete first
     cache.clear_evicted()  # what a previous restore declared; an evicted state's placements declare anew
     clock = _Clock(device, timeline)
@@ -796,7 +820,7 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
                 if rec_marks:
                     rec_marks[-1][2] = m
                 rec_ready[layer_idx] = m
-        if what == "start" and cuda and loader.mode == "direct" and loader.pending:
+        if what == "start" and cuda and issue == "interleaved" and loader.mode == "direct" and loader.pending:
             # keep the copy stream fed: enqueue this layer's share of the remaining items
             layers_left = max(1, sum(1 for x in lengths[layer_idx:] if x > 0))
             loader.issue_direct(max(lookahead, math.ceil(loader.pending / layers_left)))
@@ -815,6 +839,8 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
                 s.wait_stream(main)  # the buffers may still be read by earlier work on the main stream
             if loader.mode == "pool":
                 loader.start_pool()
+            elif overlap and needs_recompute and issue == "thread":
+                loader.spawn(loader.issue_all, lookahead)  # the loader's own issue thread
             elif overlap and needs_recompute:
                 loader.issue_direct(lookahead)  # the rest is enqueued between recomputed layers
             else:
@@ -826,7 +852,7 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
                 rec0 = clock.mark(rec_stream)
                 run_recompute()
                 rec1 = clock.mark(rec_stream)
-            if loader.mode == "direct":
+            if loader.mode == "direct" and not (overlap and needs_recompute and issue == "thread"):
                 loader.issue_direct()  # whatever the recompute loop did not enqueue
             loader.join()
             if layer_join:
@@ -837,12 +863,13 @@ def restore_into(adapter: ModelAdapter, source: StoredState | DiskSource | str |
                 for s in (copy_s, place_s, rec_stream):
                     main.wait_stream(s)
                 torch.cuda.synchronize(device)
-            report.mode = ("cuda-streams/" if overlap else "serial/") + loader.mode
+            threaded = overlap and needs_recompute and issue == "thread" and loader.mode == "direct"
+            report.mode = ("cuda-streams/" if overlap else "serial/") + loader.mode + ("-thread" if threaded else "")
         elif overlap and needs_recompute and loader.jobs:
             if loader.mode == "pool":
                 loader.start_pool()
             else:
-                loader.spawn(loader.issue_direct)
+                loader.spawn(loader.issue_all, lookahead)
             rec0 = clock.mark()
             run_recompute()
             rec1 = clock.mark()

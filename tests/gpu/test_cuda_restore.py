@@ -206,3 +206,47 @@ def test_pinned_packed_pairs_copy_once_per_item(tiny, tmp_path, method):
         caches.append(cache.kv())
     for begin, (k, v), (pk, pv) in zip(state.recompute_lengths, *caches):
         assert torch.equal(k[:, :, begin:], pk[:, :, begin:]) and torch.equal(v[:, :, begin:], pv[:, :, begin:])
+
+
+@pytest.mark.parametrize("join", ["end", "layer"])
+def test_pinned_loads_issued_from_their_own_thread(tiny, tmp_path, monkeypatch, join):
+    """issue="thread": the pinned loads are enqueued by the loader's issue thread while the calling
+    thread recomputes; the buffers are the same as with interleaved issue."""
+    import threading
+
+    import krul.restore as restore_mod
+
+    adapter, ids, ref = tiny
+    lengths = [200, 150, 60, 0]
+    _, source = _stored(adapter, ids, ref, lengths, "pinned", tmp_path)
+    issued_by = []
+    real_copy = restore_mod._Loader._copy_direct
+
+    def spy(self, job):
+        issued_by.append(threading.current_thread().name)
+        return real_copy(self, job)
+
+    monkeypatch.setattr(restore_mod._Loader, "_copy_direct", spy)
+    out = {}
+    for issue in ("interleaved", "thread"):
+        issued_by.clear()
+        cache = BufferCache.for_adapter(adapter, N + 16)
+        torch.cuda.synchronize()
+        report = restore_into(adapter, source, cache, issue=issue, join=join)
+        torch.cuda.synchronize()
+        if join == "layer":
+            report.finalize()
+        out[issue] = [t.clone() for kv in cache.kv() for t in kv]
+        main = threading.main_thread().name
+        if issue == "thread":
+            assert report.mode == "cuda-streams/direct-thread"
+            assert issued_by and set(issued_by) == {"krul-issue_all"}
+        else:
+            assert report.mode == "cuda-streams/direct" and set(issued_by) == {main}
+    flat_ref = [t for kv in ref for t in kv]
+    for issue, tensors in out.items():
+        for i, (t, r) in enumerate(zip(tensors, flat_ref)):
+            begin = lengths[i // 2]
+            assert torch.equal(t[:, :, begin:N], r[:, :, begin:]), issue  # loaded: bit for bit
+            if begin:
+                assert float((t[:, :, :begin] - r[:, :, :begin]).abs().max()) < 0.05, issue

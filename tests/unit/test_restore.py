@@ -357,3 +357,62 @@ def test_cuda_batches_issue_every_copy_before_any_placement():
     order.clear()
     _copies_then_placements([], copy, place)
     assert order == []
+
+
+def test_loads_are_placed_on_the_loaders_own_thread(tiny, monkeypatch):
+    """While layers are recomputed, every load is issued and placed by the loader's issue thread,
+    never by the thread that runs the recompute, and the restore stays exact."""
+    import threading
+
+    import krul.restore as restore_mod
+
+    adapter, ids, ref = tiny
+    state = build_state(adapter.fingerprint(), ids[0], ref, LENGTHS["pyramid"], None)
+    placed_by = []
+    real_place = restore_mod._place
+
+    def spy(job, *args, **kwargs):
+        placed_by.append(threading.current_thread().name)
+        return real_place(job, *args, **kwargs)
+
+    monkeypatch.setattr(restore_mod, "_place", spy)
+    for issue in restore_mod.ISSUE_MODES:
+        placed_by.clear()
+        cache = BufferCache.for_adapter(adapter, N)
+        report = restore_into(adapter, state, cache, issue=issue, lookahead=1)
+        assert report.mode == "cpu-thread/direct"
+        assert placed_by and set(placed_by) == {"krul-issue_all"}
+        assert _max_err(cache.kv(), ref) < 1e-5
+    with pytest.raises(ValueError, match="issue must be one of"):
+        restore_into(adapter, state, BufferCache.for_adapter(adapter, N), issue="main")
+
+
+def test_the_issue_thread_enqueues_every_job_in_batches():
+    """`_Loader.issue_all` (the body of the CUDA issue thread) issues `batch` jobs at a time until
+    none is pending, and stops at an abort."""
+    from types import SimpleNamespace
+
+    from krul.restore import _Abort, _Loader
+
+    def fake(n_jobs, abort_after=None):
+        calls = []
+        loader = SimpleNamespace(pending=n_jobs, abort=False)
+
+        def issue_direct(k):
+            calls.append(min(k, loader.pending))
+            loader.pending -= calls[-1]
+            loader.abort = abort_after is not None and len(calls) >= abort_after
+
+        loader.issue_direct = issue_direct
+        return loader, calls
+
+    loader, calls = fake(7)
+    _Loader.issue_all(loader, 3)
+    assert calls == [3, 3, 1] and loader.pending == 0
+    loader, calls = fake(7)
+    _Loader.issue_all(loader, 0)
+    assert calls == [1] * 7
+    loader, calls = fake(7, abort_after=1)
+    with pytest.raises(_Abort):
+        _Loader.issue_all(loader, 2)
+    assert calls == [2]
