@@ -64,11 +64,23 @@ def _bytes(df) -> tuple[str, str]:
 
 def claim(df, cfg):
     """Full / stored KV bytes of the claim's policy (krul), summed over its turns at the longest history
-    (bf16 storage bytes; model-dtype bytes for runs that predate them)."""
-    d = largest(df[df.policy == cfg["claim"].get("policy", "krul")])
+    (bf16 storage bytes; model-dtype bytes for runs that predate them).
+
+    With `baselines` in the YAML's claim (say `[minicache]`, the paper's "fixed compression"), the
+    smallest over the full KV and each listed baseline present of its bytes over krul's, on the same
+    turns: any listed baseline that stores less than krul fails it, as the full KV does."""
+    claim = cfg["claim"]
+    d = largest(df[df.policy == claim.get("policy", "krul")])
     if d.empty:
         return None
     full, stored = _bytes(d)
     if d[stored].sum() == 0:
         return None
-    return float(d[full].sum() / d[stored].sum())
+    ratios = [float(d[full].sum() / d[stored].sum())]
+    for b in claim.get("baselines") or []:
+        rows = df[(df.policy == b) & (df.history_tokens == d.history_tokens.iloc[0])]
+        if "model" in df:
+            rows = rows[rows.model.isin(d.model)]
+        if not rows.empty:
+            ratios.append(float(rows[stored].sum() / d[stored].sum()))
+    return min(ratios)
