@@ -39,3 +39,23 @@ def test_an_unstamped_file_from_older_code_is_not_reused(tmp_path, capsys):
     assert "u1" not in PartialResults(tmp_path, "fig", {})
     assert (tmp_path / "partial" / "fig.stale-unstamped.jsonl").exists()
     assert common.run_stamp({"a": 1}) != common.run_stamp({"a": 2})
+
+
+def test_a_policy_parameter_change_recomputes(tmp_path, monkeypatch, capsys):
+    """The stamp holds the run's policies as the registry resolves them: a registry entry patched in
+    a session (or a re-written calibration) is not in the source digest, but it is a new stamp."""
+    from krul import policies
+
+    cfg = {"models": ["m"], "policies": ["minicache", "full-load"], "seed": 0}
+    PartialResults(tmp_path, "fig", cfg).add("u1", 1)
+    assert "u1" in PartialResults(tmp_path, "fig", cfg)
+    mini = policies.POLICIES["minicache"]
+    monkeypatch.setitem(policies.POLICIES, "minicache",
+                        mini.with_params(selector_params={**mini.selector_params, "target_ratio": 2.0}))
+    assert "u1" not in PartialResults(tmp_path, "fig", cfg)
+    assert capsys.readouterr().out.count("recomputing") == 1
+    # a policy the run does not use changes nothing
+    monkeypatch.setitem(policies.POLICIES, "krul", policies.POLICIES["krul"].with_params(min_gain=0.5))
+    PartialResults(tmp_path, "fig", cfg).add("u2", 2)
+    assert "u2" in PartialResults(tmp_path, "fig", cfg)
+    assert common.run_stamp({"models": ["m"], "policies": ["nope"]})  # an unknown policy fails in the run, not here

@@ -186,15 +186,37 @@ def policy_key(policy) -> str:
     return f"{policy.name}#{hashlib.sha256(repr(policy).encode()).hexdigest()[:12]}"
 
 
+def resolved_policies(cfg: dict | None) -> dict[str, str]:
+    """Every parameter of the run's policies as the registry resolves them (`make_policy`: the
+    registry entry, the model's dev calibration, the config's `policy_overrides`), by `model|policy`:
+    what the source digest misses (a calibration file re-written, a registry entry patched in a
+    session). The run's policies: its `policies`, its bench's, and those it overrides."""
+    cfg = cfg or {}
+    names = [*(cfg.get("policies") or []), *((cfg.get("bench") or {}).get("policies") or []),
+             *(cfg.get("policy_overrides") or {})]
+    if not names:
+        return {}
+    models = list(cfg.get("models") or ([cfg["model"]] if cfg.get("model") else [None]))
+    out = {}
+    for model in models:
+        for name in dict.fromkeys(names):
+            try:
+                out[f"{model}|{name}"] = repr(make_policy(name, (cfg.get("policy_overrides") or {}).get(name), model))
+            except Exception as e:  # noqa: BLE001 - an unknown policy fails in the run itself, with its message
+                out[f"{model}|{name}"] = f"unresolved: {type(e).__name__}: {e}"
+    return out
+
+
 def run_stamp(cfg: dict | None) -> str:
     """What a figure's finished units depend on beyond their own keys: the library's source
-    (`evaluation.code_version`, any edit of src/krul, committed or not) and the resolved config
-    (without where it is written)."""
+    (`evaluation.code_version`, any edit of src/krul, committed or not), the resolved config
+    (without where it is written) and the resolved parameters of its policies (`resolved_policies`)."""
     import hashlib
 
     from krul.evaluation import code_version
 
     conf = {k: v for k, v in (cfg or {}).items() if k not in ("out_dir", "overrides")}
+    conf["_policies"] = resolved_policies(cfg)
     blob = json.dumps(conf, sort_keys=True, default=str)
     return f"{code_version()}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
