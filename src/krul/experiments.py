@@ -17,6 +17,7 @@ Command line (what `make` calls)::
     python -m krul.experiments run <slug> --profile smoke|default|full --device cpu|cuda --out DIR \
         [--set models='[smollm2-135m]' --set conversations.n=3 ...]   # any setting of the YAML
     python -m krul.experiments redraw --all        # from results/<slug>/reference/*/data.csv
+    python -m krul.experiments summary [--run DIR] # the reference verdicts; DIR (a run's --out) beside them
 
 This module knows nothing about how a figure looks (`plotting.py`) or how it is measured
 (`krul.figures`), and holds no notebook code.
@@ -476,6 +477,24 @@ def summary_rows() -> list[dict]:
     return rows
 
 
+def judge(slug: str, csv, run: str, profile: str = "default", policy: str | None = None) -> dict:
+    """The verdict of the rows in `csv` (a run's data.csv) under its figure's current claim (the YAML's
+    predicate at `profile`; `policy` replaces the claim's policy); nothing is written. An empty CSV
+    (nothing measured) is judged "not measured"."""
+    cfg = load_config(slug, profile, device="cpu", out_dir=str(Path(csv).parent))
+    cfg["run"] = run
+    if policy:
+        cfg["claim"] = {**cfg["claim"], "policy": policy}
+    try:
+        df = pd.read_csv(csv)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame()
+    verdict = check_claim(cfg, df)
+    if policy:
+        verdict["policy"] = policy
+    return verdict
+
+
 def judge_reference(slug: str, run: str, policy: str | None = None) -> dict:
     """The verdict of the committed reference run `results/<slug>/reference/<run>/data.csv` under its
     figure's claim (the default profile's config; `policy` replaces the claim's policy), saved into
@@ -483,15 +502,154 @@ def judge_reference(slug: str, run: str, policy: str | None = None) -> dict:
     refs = reference_runs(slug)
     if run not in refs:
         raise ExperimentError(f"{slug}: no reference run {run!r}; known: {', '.join(refs) or 'none'}")
-    cfg = load_config(slug, "default", device="cpu", out_dir=str(refs[run].parent))
-    cfg["run"] = run
-    if policy:
-        cfg["claim"] = {**cfg["claim"], "policy": policy}
-    verdict = check_claim(cfg, pd.read_csv(refs[run]))
-    if policy:
-        verdict["policy"] = policy
-    save_verdict(cfg, verdict)
+    verdict = judge(slug, refs[run], run, policy=policy)
+    save_verdict({"out_dir": str(refs[run].parent), "device": "cpu"}, verdict)
     return verdict
+
+
+# ============================================================================================
+# summary: the committed reference runs, and a user's own run beside them
+
+# per figure, the per-policy number shown side by side: rows grouped `by`, `value` aggregated by
+# `agg`, over the rows at the run's own longest `longest` (when set) that match `where`
+SIDE_BY_SIDE = {
+    "fig1_similarity_variability": dict(by="model", value="distance", agg="mean", where=None, longest=None),
+    "fig2_ttft": dict(by="policy", value="ttft_s", agg="median", where=None, longest="history_tokens"),
+    "fig3_storage": dict(by="policy", value="storage_ratio", agg="mean", where=None, longest="history_tokens"),
+    "fig4_accuracy": dict(by="policy", value="nll_ratio", agg="mean", where={"dataset": "sharegpt"}, longest=None),
+    "fig5_ratio_sweep": dict(by="kind", value="restore_s", agg="median", where=None, longest=None),
+    "fig6_restore_timeline": dict(by="variant", value="restore_s", agg="max", where=None, longest=None),
+    "fig7_estimator_overhead": dict(by="mode", value="value", agg="median", where={"metric": "decode_step_s"},
+                                    longest="seq_len"),
+    "fig8_ablation": dict(by="policy", value="nll", agg="mean", where=None, longest=None),
+    "fig9_history_length": dict(by="policy", value="ttft_s", agg="median", where=None, longest="history_tokens"),
+}
+
+
+def provenance(env: dict) -> tuple[str, str]:
+    """(git sha, device) of a run's env.json: a notebook run's own fields, or those of the bench
+    runs a GPU reference was assembled from (`runs`); '-' where absent."""
+    runs = [env, *(r for r in env.get("runs") or [] if isinstance(r, dict))]
+    shas = list(dict.fromkeys(str(r["git_sha"])[:10] for r in runs if r.get("git_sha")))
+    devices = list(dict.fromkeys(str(r.get("gpu") or r["device"]) for r in runs if r.get("gpu") or r.get("device")))
+    return ", ".join(shas) or "-", ", ".join(devices) or "-"
+
+
+def _env(folder: Path) -> dict:
+    p = Path(folder) / "env.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def reference_verdicts(slug: str) -> list[dict]:
+    """Each committed reference run of a figure judged now from its data.csv by the figure's current
+    claim (the policy its saved verdict names, if any), with its provenance; nothing is written."""
+    rows = []
+    for name, csv in reference_runs(slug).items():
+        env = _env(csv.parent)
+        v = judge(slug, csv, name, policy=(env.get("verdict") or {}).get("policy"))
+        sha, device = provenance(env)
+        rows.append({**v, "slug": slug, "run": f"reference {name}", "csv": csv, "git_sha": sha, "device": device})
+    return rows
+
+
+def read_run(folder) -> tuple[str, dict]:
+    """A run folder written by `python -m krul.experiments run SLUG --out DIR` (or a notebook):
+    (its figure's slug, its config.yaml); an ExperimentError saying what is wrong otherwise."""
+    d = Path(folder)
+    how = ("pass a folder written by `python -m krul.experiments run SLUG --out DIR` (it holds data.csv, "
+           "config.yaml and env.json)")
+    if not d.exists():
+        raise ExperimentError(f"--run {folder}: no such folder; {how}")
+    if not d.is_dir():
+        raise ExperimentError(f"--run {folder}: not a folder; {how}")
+    missing = [f for f in ("data.csv", "config.yaml") if not (d / f).is_file()]
+    if missing:
+        hint = " (the run may have stopped before its save cell; re-run it)" if (d / "partial").is_dir() else ""
+        raise ExperimentError(f"--run {folder}: not a run folder, it has no {' and no '.join(missing)}{hint}; {how}")
+    try:
+        cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"--run {folder}: config.yaml is not YAML ({e}); {how}") from None
+    slug = cfg.get("slug") if isinstance(cfg, dict) else None
+    if slug not in slugs():
+        raise ExperimentError(f"--run {folder}: config.yaml names no known figure (slug {slug!r}; known: "
+                              f"{', '.join(slugs())}); {how}")
+    return slug, cfg
+
+
+def judge_run(folder) -> dict:
+    """A user's run folder judged by its figure's current claim at the run's profile (a smoke run:
+    "smoke run: not a measurement"), with its provenance."""
+    slug, cfg = read_run(folder)
+    d = Path(folder)
+    profile = cfg.get("profile") if cfg.get("profile") in PROFILES else "default"
+    v = judge(slug, d / "data.csv", cfg.get("run") or d.name, profile=profile)
+    sha, device = provenance(_env(d))
+    return {**v, "slug": slug, "run": f"your run {d}", "csv": d / "data.csv", "git_sha": sha,
+            "device": device if device != "-" else str(cfg.get("device", "-"))}
+
+
+def side_by_side(slug: str, rows: list[dict]) -> list[str]:
+    """The figure's main per-policy number (`SIDE_BY_SIDE`) of each judged row's data, one column
+    per run, as text-table lines; none when the data lack its columns."""
+    spec = SIDE_BY_SIDE.get(slug)
+    if not spec:
+        return []
+    cols, header = {}, []
+    for r in rows:
+        try:
+            df = pd.read_csv(r["csv"])
+        except pd.errors.EmptyDataError:
+            df = pd.DataFrame()
+        for k, v in (spec["where"] or {}).items():
+            df = df[df[k] == v] if k in df else df.iloc[0:0]
+        if spec["by"] not in df or spec["value"] not in df or df.empty:
+            continue
+        label = r["run"]
+        if spec["longest"] and spec["longest"] in df:
+            df = df[df[spec["longest"]] == df[spec["longest"]].max()]
+            label += f" ({spec['longest']} {df[spec['longest']].iloc[0]})"
+        cols[label] = pd.to_numeric(df[spec["value"]], errors="coerce").groupby(df[spec["by"]]).agg(spec["agg"])
+    if not cols:
+        return []
+    table = pd.DataFrame(cols)
+    where = "".join(f", {k} = {v}" for k, v in (spec["where"] or {}).items())
+    out = [f"{spec['value']} ({spec['agg']}{', at the longest ' + spec['longest'] if spec['longest'] else ''}"
+           f"{where}) by {spec['by']}:", "", f"| {spec['by']} | " + " | ".join(table.columns) + " |",
+           "| --- |" + " --- |" * len(table.columns)]
+    for key, vals in table.iterrows():
+        out.append(f"| {key} | " + " | ".join(f"{float(x):.4g}" if finite(x) else "-" for x in vals) + " |")
+    return out
+
+
+def summary_text(run_dir=None) -> str:
+    """`python -m krul.experiments summary [--run DIR]`: per figure, its committed reference runs judged
+    by its current claim (value, predicate, verdict, provenance); with `run_dir`, only that run's
+    figure, the run judged the same way beside its reference rows, and the per-policy numbers side
+    by side."""
+    mine = judge_run(run_dir) if run_dir is not None else None
+    lines = []
+    for slug in ([mine["slug"]] if mine else slugs()):
+        rows = [*reference_verdicts(slug), *([mine] if mine else [])]
+        claim = load_config(slug, "default", device="cpu", out_dir=str(paths.results_dir() / slug))["claim"]
+        lines += [f"## {slug}", "", f"claim: {claim.get('statement', '')}", ""]
+        if not rows:
+            lines += ["no committed reference run", ""]
+            continue
+        lines += ["| run | metric | value | predicate | verdict | git sha | device |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            metric = r["metric"] + (f" (policy {r['policy']})" if r.get("policy") else "")
+            lines.append(f"| {r['run']} | {metric} | {format_value(r['value'])} | {r['op']} {r['threshold']} +- "
+                         f"{r['tolerance']} | {r['verdict']} | {r['git_sha']} | {r['device']} |")
+        lines.append("")
+        if mine:
+            extra = side_by_side(slug, rows)
+            lines += [*extra, ""] if extra else []
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def format_value(x) -> str:
@@ -536,7 +694,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("slugs", nargs="*")
     d.add_argument("--all", action="store_true")
     sub.add_parser("list", help="the figures")
-    sub.add_parser("summary", help="verdicts and wall times of the committed reference runs")
+    m = sub.add_parser("summary", help="the committed reference runs judged by their figures' claims, with "
+                                       "provenance; with --run DIR, your run beside its figure's reference")
+    m.add_argument("--run", default=None, metavar="DIR",
+                   help="a run folder written by `run SLUG --out DIR` (data.csv, config.yaml, env.json): judged "
+                        "by its figure's claim and shown beside the reference rows")
     v = sub.add_parser("verdict", help="judge a committed reference run (say a GPU one) by its figure's claim "
                                        "and save the verdict in its env.json")
     v.add_argument("slug")
@@ -556,12 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "verdict":
             print(judge_reference(args.slug, args.run, args.policy)["text"])
         elif args.cmd == "summary":
-            print("| figure | run | metric | ours | predicate | holds? | notebook wall (s) | git sha |")
-            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-            for r in summary_rows():
-                print(f"| {r['slug']} | {r['run']} | {r['metric']} | {format_value(r['value'])} | "
-                      f"{r['op']} {r['threshold']} +- {r['tolerance']} | {r['verdict']} | {r['notebook_wall_s'] or '-'} | "
-                      f"{(r['git_sha'] or '-')[:10]} |")
+            print(summary_text(args.run), end="")
         else:
             print("\n".join(slugs()))
     except ExperimentError as e:
