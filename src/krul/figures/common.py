@@ -363,7 +363,8 @@ def long_context_turn(engine, conv, new_input_tokens: int = 128, max_context_tok
 def estimator_stats(adapter, convs, max_turns: int, cfg: dict, cache_name: str) -> list[dict]:
     """Per conversation: layer-pair distances, boundary ratios and the krul selector's pairs, from
     replaying it with the estimator (policy `krul-fixed-split`: krul's selector, no rates needed)."""
-    cache = PartialResults(cfg["out_dir"], cache_name, cfg)
+    # stamped with the policy these units replay (its resolved parameters), not the figure's list
+    cache = PartialResults(cfg["out_dir"], cache_name, {**cfg, "policies": ["krul-fixed-split"]})
     engine = None
     out = []
     for conv in progress(convs, f"{adapter.name} estimator"):
