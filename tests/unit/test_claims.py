@@ -182,7 +182,8 @@ def _fig7(krul_wins):
     for n in (256, 2048):
         overhead = 1.05 if (krul_wins or n == 256) else 1.5
         for rep in range(3):
-            rows += [{"model": "m", "seq_len": n, "rep": rep, "metric": "decode_step_s", "mode": "plain", "value": 0.02},
+            rows += [{"model": "m", "seq_len": n, "rep": rep, "metric": "decode_step_s", "mode": "plain",
+                      "value": 0.02},
                      {"model": "m", "seq_len": n, "rep": rep, "metric": "decode_step_s", "mode": "estimator",
                       "value": 0.02 * overhead},
                      {"model": "m", "seq_len": n, "rep": rep, "metric": "prefill_s", "mode": "plain", "value": 0.4}]
