@@ -551,3 +551,58 @@ def plot_calibration_curves(record: dict, *more: dict):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_fig10_throughput(df: pd.DataFrame):
+    """Throughput and TTFT per policy under the trace, as ratios to full-recompute of the same trace
+    (its line at 1.0); one column per (run, budget setting), rows: throughput (prefill tokens/s with
+    the restored history counted as prefill, turns/s; higher is better), then TTFT p50/p95/p99 from
+    each turn's due time (lower is better). The krul-family policy (column `role`) is drawn in
+    krul's look, on top."""
+    title = "Fig. 10: throughput and TTFT under a ShareGPT multi-turn trace"
+    need = "prefill_tokens_per_s_vs_full_recompute"
+    if df.empty or need not in df or df[need].dropna().empty:
+        return _empty(title, "no trace with full-recompute in this run: nothing to compare against")
+    df = _runs(df).copy()
+    if "budget_set" not in df:
+        df["budget_set"] = "-"
+    keys = list(df.groupby(["run", "budget_set"], sort=False).groups)
+    panels = [("throughput", [("prefill_tokens_per_s_vs_full_recompute", "prefill\n(tokens/s)"),
+                              ("turns_per_s_vs_full_recompute", "turns\n(turns/s)")],
+               "throughput ratio to\nfull-recompute (x, higher: better)", "throughput measure"),
+              ("ttft", [(f"ttft_{p}_vs_full_recompute", p) for p in ("p50", "p95", "p99")],
+               "TTFT ratio to\nfull-recompute (x, lower: better)", "TTFT percentile (from each turn's due time)")]
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.6 * len(keys) + 2.4, 7.0), squeeze=False,
+                             layout="constrained")
+    for i, (run, budget_set) in enumerate(keys):
+        d = df[(df.run == run) & (df.budget_set == budget_set)]
+        krul_family = set(d.policy[d.role == "krul-family"]) if "role" in d else {KRUL}
+        pols = sorted(dict.fromkeys(map(str, d.policy)), key=lambda p: p not in krul_family)
+        centre = (len(pols) - 1) / 2
+        for j, (_, cols, ylabel, xlabel) in enumerate(panels):
+            ax = axes[j, i]
+            ax.axhline(1.0, label="full-recompute (reference, 1.0)", color="#1f77b4", lw=1.0, ls="-", zorder=2)
+            for k, pol in enumerate(pols):
+                g = d[d.policy == pol]
+                ys = [float(g[c].median()) if c in g and g[c].notna().any() else np.nan for c, _ in cols]
+                xs = np.arange(len(cols)) + 0.06 * (k - centre)
+                style = dict(_KRUL_STYLE) if pol in krul_family else _style(pol, k)
+                if j == 0:  # two different measures: no line between them
+                    style["linestyle"] = "none"
+                ax.plot(xs, ys, label=pol, **style)
+            ax.set_xticks(np.arange(len(cols)))
+            ax.set_xticklabels([lab for _, lab in cols])
+            ax.set_xlim(-0.5, len(cols) - 0.5)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{run}, {budget_set} budgets", fontsize=9.5)
+        base = d[d.policy == "full-recompute"]
+        if not base.empty and {"prefill_tokens_per_s", "ttft_p50_s"} <= set(base):
+            b = base.iloc[0]
+            axes[0, i].set_title(f"{run}, {budget_set} budgets\nfull-recompute: {b.prefill_tokens_per_s:.0f} "
+                                 f"prefill tokens/s, TTFT p50 {b.ttft_p50_s:.2f} s", fontsize=9.5)
+    _dedup_legend(fig, [*axes[1], *axes[0]], loc="outside right upper", title="policy")
+    fig.suptitle(title, fontsize=TITLE_SIZE)
+    _note(fig, "Ratios to full-recompute measured in the same trace (the line at 1.0).\nPrefill tokens: every "
+               "turn's restored history plus its new input. Points shifted sideways to keep equal values visible.")
+    return fig
