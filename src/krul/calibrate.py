@@ -16,6 +16,11 @@ replays like the estimator statistics) and adds the plan of lowest mean score
 
 Usage: `python -m krul.calibrate --model smollm2-135m [--n-conversations 8]`; the curves on test:
 `python -m krul.calibrate curves --model smollm2-135m --split test --n-conversations 30`.
+
+Both resume from their `<stem>.partial.jsonl`, where every point carries a `stamp` of what produced
+it (`krul.stamps`: code version, resolved policy and settings, the calibration record's and the
+conversations' content): points of another stamp are recomputed (the run says so once; their lines
+stay in the file), and so are points made before stamps unless `--adopt-unstamped` is given.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 
 from krul import paths
+from krul.stamps import Resume, conversations_digest, digest, read_jsonl, record_digest, resume, stamp
 # the records' locations and reading live in `records`, below the policies that read them; re-exported
 from krul.records import OWN_CALIBRATION, calibration_path, load_calibration  # noqa: F401
 
@@ -287,11 +293,37 @@ def grid_policy(name: str, tau: float, n_pairs: int, n_layers: int, rank_ratio: 
                                                "target_ratio": pair_ratio(n_layers, n_pairs, equiv)})
 
 
+def grid_key(tau: float, n_pairs: int, rank_ratio: float | None) -> tuple:
+    """A dev-calibration grid point's place in the grid: (tau to 9 digits, pair count, rank ratio)."""
+    return round(float(tau), 9), n_pairs, rank_ratio
+
+
+def record_sha(path: str | Path) -> str | None:
+    """The git sha in a written record's provenance (None when there is no readable record)."""
+    try:
+        return json.loads(Path(path).read_text()).get("provenance", {}).get("git_sha") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resume_points(partial: str | Path, expected: dict, key_of, legacy_ok, adopt_unstamped: bool = False,
+                  record: str | Path | None = None, log=print) -> Resume:
+    """The saved points of `partial` the run reuses (`stamps.resume`: the same stamp as `expected`'s,
+    or, with `adopt_unstamped`, unstamped ones that pass `legacy_ok`); says once, through `log`, how
+    many it does not reuse and why, and how many unstamped ones it adopts (with the provenance sha
+    of `record`, the record those points went into)."""
+    decision = resume(read_jsonl(partial), expected, key_of, legacy_ok, adopt_unstamped)
+    for line in decision.notices(str(partial), provenance=record_sha(record) if record else None):
+        log(line)
+    return decision
+
+
 def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_turns: int = 3,
               taus=None, protect_fractions=(0.0, 0.2, 0.4, 0.6), pair_counts=(1, 2, 4, 6, 8, 10), tolerance: float = 0.01,
               progress: bool = True, policy: str = "krul", rank_ratios=(None,),
               out: str | Path | None = None, sensitivity_from: str | Path | None = None,
-              sensitivity_conversations: int | None = None, sensitivity_turns: int | None = None) -> dict:
+              sensitivity_conversations: int | None = None, sensitivity_turns: int | None = None,
+              adopt_unstamped: bool = False) -> dict:
     """Calibrate tau, the target ratio and the fixed plans on `dev`; write and return the record.
 
     `policy` is "krul" (the paper: merge) or "krul-svd" (then the grid also spans `rank_ratios`);
@@ -299,7 +331,16 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
     reads) and every grid point to `<out stem>.partial.jsonl` as soon as it is measured. An svd-loss
     policy's layer sensitivity is measured on the first `sensitivity_conversations` (default all)
     at up to `sensitivity_turns` turns each, or read from `sensitivity_from` (a JSON with "weights",
-    or an earlier record)."""
+    or an earlier record).
+
+    Every grid point carries a `stamp` (`krul.stamps`): the code version and a digest of the grid
+    policy as `grid_policy` resolves it, the conversations' content, max_turns and max_tokens, and for
+    an svd-loss policy what its pair scores came from (the scoring policy, and the layer weights read
+    from `sensitivity_from` or the settings they are measured with: measured floats may differ in
+    their last bits from run to run, and must not stop a resume). A re-run resumes the points of
+    the same stamp; points of another stamp are recomputed (said once; their lines stay in the
+    partial file, an append-only log). Unstamped points (older code) are recomputed too, unless
+    `adopt_unstamped`, which resumes those of the same conversations and policy (the older check)."""
     from tqdm.auto import tqdm
 
     from krul import models
@@ -336,28 +377,36 @@ def calibrate(model: str, n_conversations: int = 8, max_tokens: int = 2000, max_
         mean_boundary = torch.stack([recs[-1].boundary_ratio().cpu() for recs in records.values()]).mean(0)
         taus = sorted({0.0} | {float(torch.quantile(mean_boundary, q)) + 1e-9
                                for q in protect_fractions if q > 0})
-    # resumable: every grid point is appended to a partial file as soon as it is measured
+    # resumable: every grid point is appended to a partial file as soon as it is measured, stamped
     path = Path(out) if out else calibration_path(model, policy)
     partial = path.with_suffix(".partial.jsonl")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if partial.exists():
-        for line in partial.read_text().splitlines():
-            g = json.loads(line)
-            if g.get("conversations") == [c.id for c in convs] and g.get("policy") == policy:
-                done[(round(g["tau"], 9), g["n_pairs"], g.get("rank_ratio"))] = g
+    settings = {"kind": "dev-calibration", "model": model, "split": "dev", "max_turns": max_turns,
+                "max_tokens": max_tokens, "conversations": conversations_digest(convs), "scored": None}
+    if losses is not None:  # what the pair scores came from: settings and read weights, never measured floats
+        settings.update(scored=repr(with_rank_ratio_or_self(get_policy(policy), rank_ratios[0])),
+                        sensitivity=digest(sensitivity["weights"]) if sensitivity_from else
+                        {"conversations": sensitivity_conversations, "turns": sensitivity_turns})
+    expected = {grid_key(tau, k, rr): stamp({**settings, "tau": tau, "n_pairs": k, "rank_ratio": rr,
+                                              "policy": repr(grid_policy(policy, tau, k, n_layers, rr))})
+                for tau in taus for rr in rank_ratios for k in pair_counts}
+    ids = [c.id for c in convs]
+    resumed = resume_points(partial, expected, lambda g: grid_key(g["tau"], g["n_pairs"], g.get("rank_ratio")),
+                            lambda g: g.get("conversations") == ids and g.get("policy") == policy,
+                            adopt_unstamped, record=path)
+    done = resumed.done
     grid = []
     for tau in tqdm(taus, desc="tau", disable=not progress):
         for rank_ratio in rank_ratios:
             for k in pair_counts:
-                key = (round(tau, 9), k, rank_ratio)
+                key = grid_key(tau, k, rank_ratio)
                 if key in done:
                     grid.append(done[key])
                     continue
                 pol = grid_policy(policy, tau, k, n_layers, rank_ratio)
                 point = curve_point(adapter, pol, convs, records, base_rows, max_turns, losses)
                 point.update(tau=tau, n_pairs=k, target_ratio=pol.selector_params["target_ratio"],
-                             rank_ratio=rank_ratio, conversations=[c.id for c in convs])
+                             rank_ratio=rank_ratio, conversations=ids, stamp=expected[key])
                 grid.append(point)
                 with open(partial, "a") as f:
                     f.write(json.dumps(point) + "\n")
@@ -507,6 +556,28 @@ def curve_policy(name: str, k: int, n_layers: int, cal: dict, tau: float, rank_r
     return policy.with_params(selector_params=params)
 
 
+def curve_stamps(grid, model: str, split: str, n_layers: int, cal: dict, tau: float, conversations,
+                 max_tokens: int, max_turns: int, rank_ratio: float | None = None,
+                 prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0,
+                 rank_alloc: str = "uniform", codec_group: int | None = None, code: str | None = None) -> dict:
+    """(policy, k) -> the stamp of that curve point (`stamps.stamp`): the code version and a digest
+    of the point's policy as `curve_policy` resolves it (every parameter, the dev plans and scores it
+    takes from `cal` included), k, tau, max_turns, max_tokens, the content of the calibration record
+    (`record_digest`: not its name, nor when it was written) and of the conversations."""
+    common = {"kind": "curve", "model": model, "split": split, "tau": tau, "max_turns": max_turns,
+              "max_tokens": max_tokens, "calibration": record_digest(cal),
+              "conversations": conversations_digest(conversations)}
+    out = {}
+    for name, k in grid:
+        try:
+            policy = repr(curve_policy(name, k, n_layers, cal, tau, rank_ratio, prior_weight, pairing,
+                                       validate_tokens, rank_alloc, codec_group))
+        except Exception as e:  # noqa: BLE001 - the point itself fails with this message when it runs
+            policy = f"unresolved: {type(e).__name__}: {e}"
+        out[(name, k)] = stamp({**common, "policy_name": name, "k": k, "policy": policy}, code)
+    return out
+
+
 def kv_angle_summary(adapter, conversations, max_turns: int = 3) -> dict:
     """How far apart the layers' KV are on these conversations (`compression.layer_angles`)."""
     from krul.compression import layer_angles
@@ -532,7 +603,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
            out_dir: str | Path | None = None, tag: str = "", rank_ratio: float | None = None,
            prior_weight: float | None = None, pairing: str | None = None, validate_tokens: int = 0,
            rank_alloc: str = "uniform", codec_group: int | None = None,
-           budget_ratios=H2O_RATIOS) -> dict:
+           budget_ratios=H2O_RATIOS, adopt_unstamped: bool = False) -> dict:
     """nll (ratio to full KV, paired bootstrap) against compression ratio for 1..K pairs.
 
     The fixed plans of krul-fix and kvsharer, and krul's tau (unless given), come from a dev
@@ -546,6 +617,16 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     `validate_tokens` positions (0: off), codec policies at `codec_group` (default: the registry's).
     Codec-only policies (int8, int4, kivi) have one point each, at n_pairs = 0. Every point's
     `storage_ratio` counts bytes as a bf16 deployment stores them (`StorageMeter`).
+
+    Every point carries a `stamp` (`krul.stamps`, `curve_stamps`): the code version and a digest of
+    the point's policy as `curve_policy` resolves it, its pair count (or h2o ratio), tau, max_turns,
+    max_tokens, the calibration record's content (not its name) and the conversations' content. A
+    re-run resumes the points of the same stamp; points of another stamp are recomputed and the run
+    says how many, once (their lines stay in the partial file: an append-only log, the newest line
+    of a point wins). Unstamped points (made before stamps) are recomputed too, unless
+    `adopt_unstamped`: then those that pass the older field checks (conversations, tau, calibration
+    name, rank ratio, compression, prior weight, pairing, validation) are resumed, and the run says
+    how many and the provenance sha of the record they went into.
     """
     from tqdm.auto import tqdm
 
@@ -569,22 +650,22 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
     stem = f"{model}.curves-{split}" + (f"-{tag}" if tag else "")
     partial = out / f"{stem}.partial.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if partial.exists():
-        for line in partial.read_text().splitlines():
-            g = json.loads(line)
-            same = (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
-                    and g.get("tau") == tau and g.get("calibration") == cal_path.name
-                    and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal)
-                    and _compress_for(g["policy"], rank_ratio, cal, rank_alloc, codec_group)
-                    in (None, g.get("compress"))
-                    and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0)
-                    and g.get("pairing", _pairing_for(g["policy"], "greedy", cal))
-                    == _pairing_for(g["policy"], pairing, cal)
-                    and g.get("validate_tokens") == _validate_for(g["policy"], validate_tokens))
-            if same:
-                done[point_key(g)] = g
     grid = [(p, k) for p in policies for k in point_pair_counts(p, pair_counts, budget_ratios)]
+    expected = curve_stamps(grid, model, split, adapter.n_layers, cal, tau, convs, max_tokens, max_turns,
+                            rank_ratio, prior_weight, pairing, validate_tokens, rank_alloc, codec_group)
+
+    def same(g) -> bool:  # the older field checks: what an unstamped point must match to be adopted
+        return (g.get("conversations") == ids and g.get("max_turns", max_turns) == max_turns
+                and g.get("tau") == tau and g.get("calibration") == cal_path.name
+                and g.get("rank_ratio") == _rank_for(g["policy"], rank_ratio, cal)
+                and _compress_for(g["policy"], rank_ratio, cal, rank_alloc, codec_group)
+                in (None, g.get("compress"))
+                and (g.get("prior_weight") or 0.0) == (_prior_for(g["policy"], prior_weight, cal) or 0.0)
+                and g.get("pairing", _pairing_for(g["policy"], "greedy", cal))
+                == _pairing_for(g["policy"], pairing, cal)
+                and g.get("validate_tokens") == _validate_for(g["policy"], validate_tokens))
+
+    done = resume_points(partial, expected, point_key, same, adopt_unstamped, record=out / f"{stem}.json").done
     todo = [(p, k) for p, k in grid if (p, k) not in done]
     points = [done[(p, k)] for p, k in grid if (p, k) in done]
     if todo:
@@ -605,7 +686,7 @@ def curves(model: str, split: str = "test", n_conversations: int = 30, max_token
                          prior_weight=_prior_for(name, prior_weight, cal),
                          pairing=_pairing_for(name, pairing, cal),
                          validate_tokens=_validate_for(name, validate_tokens),
-                         pairs=[list(q) for q in policy_pairs(policy)])
+                         pairs=[list(q) for q in policy_pairs(policy)], stamp=expected[(name, k)])
             points.append(point)
             with open(partial, "a") as f:
                 f.write(json.dumps(point) + "\n")
@@ -691,7 +772,9 @@ def _provenance() -> dict:
                              cwd=paths.REPO_ROOT).stdout.strip()
     except OSError:
         sha = ""
-    return {"git_sha": sha, "torch": torch.__version__, "transformers": transformers.__version__,
+    from krul.evaluation import code_version
+
+    return {"git_sha": sha, "code_version": code_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "device": "cpu", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -726,6 +809,9 @@ def main_curves(argv) -> int:
                         "or over pairs and K/V together (segment); same bytes")
     p.add_argument("--h2o-ratios", type=float, nargs="+", default=list(H2O_RATIOS),
                    help="h2o: the target storage ratios (full / stored) its points are measured at")
+    p.add_argument("--adopt-unstamped", action="store_true",
+                   help="resume the partial file's unstamped points (made before stamps) that match the "
+                        "older field checks, instead of recomputing them")
     p.add_argument("--codec-group", type=int, default=None,
                    help="codec policies (int8, int4, kivi, krul-svd-loss-int8/-int4): the quantization "
                         "group size (default: each policy's own)")
@@ -734,7 +820,8 @@ def main_curves(argv) -> int:
                  pair_counts=tuple(args.pairs), tau=args.tau, calibration=args.calibration,
                  tag=args.tag, rank_ratio=args.rank_ratio, prior_weight=args.prior_weight,
                  pairing=args.pairing, validate_tokens=args.validate_tokens, rank_alloc=args.rank_alloc,
-                 codec_group=args.codec_group, budget_ratios=tuple(args.h2o_ratios))
+                 codec_group=args.codec_group, budget_ratios=tuple(args.h2o_ratios),
+                 adopt_unstamped=args.adopt_unstamped)
     for g in sorted(rec["points"], key=lambda g: (g["policy"], g["n_pairs"])):
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))
     print(json.dumps({"kv_angles": rec["kv_angles"]}))
@@ -854,6 +941,9 @@ def main(argv=None) -> int:
                    help="krul-svd-loss: measure the sensitivity on the first N dev conversations (default all)")
     p.add_argument("--sensitivity-turns", type=int, default=None,
                    help="krul-svd-loss: at most this many turns (from turn 2) per conversation")
+    p.add_argument("--adopt-unstamped", action="store_true",
+                   help="resume the partial file's unstamped grid points (made before stamps) of the same "
+                        "conversations and policy, instead of recomputing them")
     args = p.parse_args(argv)
     if args.rank_ratios and args.policy not in ("krul-svd", "krul-svd-loss"):
         p.error("--rank-ratios is for the svd policies (--policy krul-svd / krul-svd-loss)")
@@ -861,7 +951,7 @@ def main(argv=None) -> int:
                     protect_fractions=tuple(args.protect), pair_counts=tuple(args.pairs),
                     policy=args.policy, rank_ratios=tuple(args.rank_ratios or (None,)), out=args.out,
                     sensitivity_from=args.sensitivity, sensitivity_conversations=args.sensitivity_conversations,
-                    sensitivity_turns=args.sensitivity_turns)
+                    sensitivity_turns=args.sensitivity_turns, adopt_unstamped=args.adopt_unstamped)
     print(json.dumps({k: v for k, v in rec.items() if k != "grid"}))
     for g in rec["grid"]:
         print(json.dumps({k: v for k, v in g.items() if k != "conversations"}))

@@ -197,3 +197,70 @@ def test_h2o_curve_points_sit_at_their_target_storage_ratios():
     assert policy.name == "h2o" and policy.budget_ratio == pytest.approx(0.25) and policy.recompute_ratio == 0.0
     assert point_key({"policy": "h2o", "n_pairs": 0, "target_storage_ratio": 4.0}) == ("h2o", 4.0)
     assert point_key({"policy": "int8", "n_pairs": 0}) == ("int8", 0)
+
+
+def _convs(text="hello"):
+    from krul.data import Conversation
+
+    return [Conversation("c1", [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}], "test")]
+
+
+CURVE_GRID = [("krul", 1), ("krul-fix", 2), ("minicache", 1), ("h2o", 2.0)]
+
+
+def _stamps(cal=CAL, tau=0.25, convs=None, **kw):
+    from krul.calibrate import curve_stamps
+
+    return curve_stamps(CURVE_GRID, "m", "test", 30, cal, tau, convs or _convs(), 2000, 3, **kw)
+
+
+def test_curve_stamps_follow_settings_calibration_content_conversations_and_code(monkeypatch):
+    a = _stamps()
+    assert a == _stamps() and len(set(a.values())) == len(CURVE_GRID)
+    # the same record written again (another time, another run) is the same calibration
+    assert _stamps({**CAL, "runtime_s": 9.0, "provenance": {"git_sha": "x"}}) == a
+    edited = _stamps({**CAL, "krul_fix_pairs": [[6, 7], [3, 8], [4, 5]]})  # another dev plan
+    assert all(edited[p] != a[p] for p in CURVE_GRID)
+    assert _stamps(tau=0.3)[("krul", 1)] != a[("krul", 1)]
+    other = _stamps(convs=_convs("hello!"))  # same id, other content
+    assert all(other[p] != a[p] for p in CURVE_GRID)
+    monkeypatch.setattr("krul.evaluation.code_version", lambda: "edited")
+    assert all(s.startswith("edited-") for s in _stamps().values())
+    # a point the calibration cannot resolve gets a stamp too (it fails with its message when it runs)
+    from krul.calibrate import curve_stamps
+
+    assert curve_stamps([("krul-fix", 4)], "m", "test", 30, CAL, 0.0, _convs(), 2000, 3)
+
+
+def test_curve_points_resume_by_stamp_and_adopt_unstamped_ones_only_when_asked(tmp_path):
+    import json
+
+    from krul.calibrate import point_key, resume_points
+
+    expected = _stamps()
+    partial, record = tmp_path / "m.curves-test.partial.jsonl", tmp_path / "m.curves-test.json"
+    record.write_text(json.dumps({"points": [], "provenance": {"git_sha": "abc123"}}))
+    lines = [{"policy": "krul", "n_pairs": 1, "stamp": expected[("krul", 1)]},
+             {"policy": "krul-fix", "n_pairs": 2, "stamp": "older-code"},
+             {"policy": "minicache", "n_pairs": 1, "tau": 0.25},  # made before stamps
+             {"policy": "h2o", "n_pairs": 0, "target_storage_ratio": 2.0, "tau": 0.5}]  # before, other tau
+    partial.write_text("".join(json.dumps(g) + "\n" for g in lines))
+    said = []
+    same = lambda g: g.get("tau") == 0.25  # noqa: E731 - the older field checks
+    done = resume_points(partial, expected, point_key, same, record=record, log=said.append).done
+    assert set(done) == {("krul", 1)}
+    assert said == [f"1 points were made by other code/settings: recomputing them (see {partial})",
+                    f"1 points in {partial} carry no stamp (made before stamps, by unknown code): "
+                    "recomputing them; --adopt-unstamped resumes them"]
+    said.clear()
+    done = resume_points(partial, expected, point_key, same, adopt_unstamped=True, record=record,
+                         log=said.append).done
+    assert set(done) == {("krul", 1), ("minicache", 1)}  # h2o's older point ran at another tau
+    assert said[-1] == (f"adopting 1 unstamped points from {partial} (made before stamps; their record's "
+                        "provenance: git abc123)")
+
+
+def test_a_calibration_grid_key_rounds_tau():
+    from krul.calibrate import grid_key
+
+    assert grid_key(0.1 + 1e-12, 2, None) == grid_key(0.1, 2, None) == (0.1, 2, None)
