@@ -15,6 +15,11 @@ mapped by relative depth); without one it stores uncompressed KV and every row s
 (`plan_source`). MiniCache uses deeper-half adjacent pairs at krul's compression ratio.
 
 Rows go to a CSV as they finish (existing rows are skipped, so a sweep resumes across commands),
+each with a `stamp` of what produced it (`bench_stamp`: krul's code version, the device, torch, the
+timing settings, the plan file's content and the row's policy, plan and parameters as resolved).
+A rerun skips only rows of the same stamp; rows of its grid made by other code or settings (or
+before stamps, unless `--adopt-unstamped`) are moved to `<out stem>.stale.csv` (their timelines to
+`<out stem>.stale.timeline.jsonl`: nothing is deleted), recomputed, and the run says so once;
 with an environment record (`<out>.env.json`) and per-layer stream timelines
 (`<out>.timeline.jsonl`). Without CUDA the benchmark runs the real small model `smollm2-135m` in
 fp32 on the CPU with short histories and says so in the `note` column.
@@ -65,7 +70,7 @@ COLUMNS = [
     "bound_bytes_per_token", "bound_recompute_ratio", "loaded_bytes", "kv_max_abs_err",
     "first_token", "prefill_path", "prefill_mode", "restore_mode", "read_s", "hash_s", "verify", "dtype",
     "prefill_best_tokens_per_s", "predicted_restore_s", "predicted_error", "estimator_prefill_s",
-    "estimator_plain_eager_s", "note",
+    "estimator_plain_eager_s", "note", "stamp",
 ]
 DEFAULT_POLICIES = ["full-recompute", "full-load", "partial-recompute", "cake", "krul-svd-loss", "krul",
                     "krul-fixed-split", "minicache", "kvsharer"]
@@ -366,6 +371,89 @@ def _sidecar(out: Path, suffix: str) -> Path:
     return out.with_name(out.stem + suffix)
 
 
+# settings of a run that shape its rows' numbers (the row's key holds device, model, tier, lengths,
+# policy, plan source and prefill path; the history lengths of a run are not among them: a resumed
+# run may be left with fewer)
+STAMP_SETTINGS = ("new_tokens", "repeats", "warmup", "repeats_disk", "warmup_disk", "verify", "seed",
+                  "rates_grid", "load_profile_bytes", "bandwidth_bytes", "torch_threads", "time_estimator",
+                  "plan_model")
+
+
+def bench_stamp(cfg: dict, variant: dict, dev_label: str, code: str | None = None) -> str:
+    """The stamp of a row of `variant` (`stamps.stamp`): krul's code version, the device, torch, the
+    run's `STAMP_SETTINGS`, the plan file's content, and the variant's policy (every parameter),
+    plan and compression parameters."""
+    from krul.stamps import file_digest, stamp
+
+    plan = variant.get("plan")
+    return stamp({"kind": "bench-ttft", "device": dev_label, "torch": torch.__version__,
+                  "settings": {k: cfg.get(k) for k in STAMP_SETTINGS},
+                  "plan_file": file_digest(cfg.get("plan_file")), "policy": repr(variant["policy"]),
+                  "plan": None if plan is None else [[list(p) for p in plan.pairs], plan.method],
+                  "params": variant.get("params")}, code)
+
+
+def settle_rows(out: Path | None, expected: dict, adopt_unstamped: bool = False, log=print) -> tuple[list, set]:
+    """(the rows of `out` kept, the keys a rerun skips): rows whose stamp is `expected`'s for their
+    key (`stamps.resume`; unstamped ones too with `adopt_unstamped`). The other rows at the keys of
+    `expected` are moved to `<stem>.stale.csv` and their timelines to `<stem>.stale.timeline.jsonl`
+    (nothing is deleted) and the run says how many, once. A file from before stamps gets the
+    `stamp` column (its rows stay, with an empty one), so the rows appended now keep theirs."""
+    from krul.stamps import resume
+
+    prior = read_rows(out) if out else []
+    if not prior:
+        return [], set()
+    decision = resume(prior, expected, _row_key, adopt_unstamped=adopt_unstamped)
+
+    def moved(key) -> bool:
+        return key in expected and key not in decision.done
+
+    stale = [r for r in prior if moved(_safe_key(r))]
+    kept = [r for r in prior if not moved(_safe_key(r))]
+    with open(out, newline="") as f:
+        fields = next(csv.reader(f))
+    if stale or "stamp" not in fields:
+        if stale:
+            for row in stale:
+                append_row(_sidecar(out, ".stale.csv"), row)
+            tl = _sidecar(out, ".timeline.jsonl")
+            if tl.exists():
+                lines = tl.read_text().splitlines(keepends=True)
+                gone = [line for line in lines if moved(_timeline_key(line))]
+                if gone:
+                    with open(_sidecar(out, ".stale.timeline.jsonl"), "a") as f:
+                        f.writelines(gone)
+                    tmp = tl.with_name(tl.name + ".tmp")
+                    tmp.write_text("".join(line for line in lines if not moved(_timeline_key(line))))
+                    tmp.replace(tl)
+        fields = fields + [c for c in ("stamp",) if c not in fields]
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(kept)
+        tmp.replace(out)
+    where = f"{out}; moved to {_sidecar(out, '.stale.csv').name}"
+    for line in decision.notices(where, what="rows"):
+        log(line)
+    return kept, set(decision.done)
+
+
+def _safe_key(row: dict):
+    try:
+        return _row_key(row)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _timeline_key(line: str):
+    try:
+        return _row_key(json.loads(line))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 # -- the benchmark ---------------------------------------------------------------------------------
 def resolve_config(cfg: dict) -> dict:
     """Fill a config from its profile and the device: lists, device, notes."""
@@ -528,8 +616,16 @@ def run_ttft(cfg: dict) -> list[dict]:
     cfg["torch_threads"] = torch.get_num_threads()
     dev_label = profile.device_label(device)
     out = Path(cfg["out"]) if cfg["out"] else None
-    prior = read_rows(out) if out else []
-    done = {_row_key(r) for r in prior}
+    q = int(cfg["new_tokens"])
+    shape_variants = {}
+    for shape in cfg["shapes"]:
+        shape_variants[shape] = _policy_variants(cfg, *_geometry(shape))
+        for v in shape_variants[shape]:
+            v["stamp"] = bench_stamp(cfg, v, dev_label)
+    expected = {(dev_label, shape, tier, int(n), q, v["name"], v["plan_source"], p): v["stamp"]
+                for shape, variants in shape_variants.items() for v in variants for n in cfg["lengths"]
+                for tier in cfg["tiers"] for p in cfg["prefill"]}
+    prior, done = settle_rows(out, expected, bool(cfg.get("adopt_unstamped")), log)
     t_begin = time.perf_counter()
     budget = cfg["time_budget_s"]
     env = env_record(device, {k: v for k, v in cfg.items() if not k.startswith("_")})
@@ -544,7 +640,6 @@ def run_ttft(cfg: dict) -> list[dict]:
     if "disk" in cfg["tiers"] and fs[1] in ("tmpfs", "ramfs"):
         cfg["notes"].append(f"disk root {disk_root} is on {fs[1]}: the disk tier reads RAM, not a disk")
         log(f"note: {cfg['notes'][-1]}")
-    q = int(cfg["new_tokens"])
     stopped = None
 
     def over_budget() -> bool:
@@ -552,8 +647,7 @@ def run_ttft(cfg: dict) -> list[dict]:
 
     try:
         for shape in cfg["shapes"]:
-            n_layers, family = _geometry(shape)
-            variants = _policy_variants(cfg, n_layers, family)
+            variants = shape_variants[shape]
             work = []
             for n_hist in (int(x) for x in cfg["lengths"]):
                 for tier in cfg["tiers"]:
@@ -873,7 +967,7 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
                     "predicted_restore_s": max(pred_rec, pred_load),
                     "predicted_error": max(pred_rec, pred_load) / rest - 1.0 if rest > 0 else float("nan"),
                     "verify": bool(cfg["verify"]) if tier == "disk" else "", "dtype": str(adapter.dtype)[6:],
-                    "note": "; ".join(notes),
+                    "note": "; ".join(notes), "stamp": v["stamp"],
                 }
                 ref_row = row if name == "full-recompute" else base.get(("full-recompute", path))
                 if ref_row is not None:
@@ -888,7 +982,7 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
                             f.write(json.dumps({"device": dev_label, "model": shape, "tier": tier,
                                                 "history_tokens": n_hist, "new_input_tokens": q,
                                                 "policy": name, "plan_source": v["plan_source"],
-                                                "prefill_path": path,
+                                                "prefill_path": path, "stamp": v["stamp"],
                                                 "columns": ["stream", "layer", "start_ms", "end_ms"],
                                                 "events": timeline}) + "\n")
                 log(f"[{shape} N={n_hist} {tier} {path}] {name:18s} ttft {ttft * 1e3:8.1f} ms  "
@@ -978,6 +1072,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-estimator", action="store_true",
                    help="also time the new-input prefill through the attention estimator (as the engine runs "
                         "krul policies; its maps take q * history * heads * layers floats)")
+    p.add_argument("--adopt-unstamped", action="store_true",
+                   help="skip the --out rows made before stamps (no stamp column) as done, instead of "
+                        "recomputing them")
     p.add_argument("--time-budget-s", type=float, help="start no new policy after this many seconds")
     p.add_argument("--rates-grid", help="history lengths for the recompute-rate fit (comma list)")
     p.add_argument("--bandwidth-mib", type=int,
@@ -1001,7 +1098,7 @@ def main_ttft(argv: list[str]) -> int:
            "time_estimator": args.time_estimator,
            "rates_grid": _csv_list(args.rates_grid, int), "device": args.device, "seed": args.seed,
            "bandwidth_bytes": args.bandwidth_mib << 20 if args.bandwidth_mib else None,
-           "threads": args.threads}
+           "threads": args.threads, "adopt_unstamped": args.adopt_unstamped}
     try:
         rows = run_ttft(cfg)
     except BenchError as exc:

@@ -1,4 +1,5 @@
 """TTFT benchmark: rows, resume, plans mapped by depth, byte accounting (CPU, tiny random models)."""
+import csv
 import json
 
 import pytest
@@ -186,3 +187,83 @@ def test_rates_never_load_faster_than_the_raw_copy():
     adapter, _ = bench.build_adapter("tiny-llama", torch.device("cpu"))
     rates = profile.measure_rates(adapter, "pageable", (8, 24), load_bytes=1 << 20)
     assert 0 < rates.load_bytes_per_s <= profile.raw_bandwidth("pageable", "cpu", nbytes=8 << 20) * (1 + 1e-9)
+
+
+def _variant(name="full-load", **kw):
+    from krul.policies import POLICIES
+
+    return dict(name=name, policy=POLICIES[name], plan=None, params={}, plan_source="n/a (no compression)", **kw)
+
+
+def test_a_row_stamp_changes_with_settings_plan_file_device_and_code(tmp_path, monkeypatch):
+    cfg = bench.resolve_config(_cfg(tmp_path))
+    s = bench.bench_stamp(cfg, _variant(), "cpu:x")
+    assert bench.bench_stamp(dict(cfg), _variant(), "cpu:x") == s
+    assert bench.bench_stamp({**cfg, "lengths": [24, 48]}, _variant(), "cpu:x") == s  # not a row's setting
+    assert bench.bench_stamp({**cfg, "repeats": 7}, _variant(), "cpu:x") != s
+    assert bench.bench_stamp(cfg, _variant(), "cuda:H200") != s
+    assert bench.bench_stamp(cfg, _variant("cake"), "cpu:x") != s
+    plans = tmp_path / "plans.json"
+    plans.write_text("[]")
+    with_file = bench.bench_stamp({**cfg, "plan_file": str(plans)}, _variant(), "cpu:x")
+    plans.write_text("[ ]")  # the same name, other content
+    assert bench.bench_stamp({**cfg, "plan_file": str(plans)}, _variant(), "cpu:x") != with_file
+    monkeypatch.setattr("krul.evaluation.code_version", lambda: "edited")
+    assert bench.bench_stamp(cfg, _variant(), "cpu:x").startswith("edited-")
+
+
+def _row(policy, stamp=None):
+    row = {"device": "cpu:x", "model": "m", "tier": "pageable", "history_tokens": 24, "new_input_tokens": 4,
+           "policy": policy, "plan_source": "n/a", "prefill_path": "graph", "ttft_s": 1.0}
+    return row if stamp is None else {**row, "stamp": stamp}
+
+
+def test_settle_rows_keeps_same_stamp_moves_the_others_aside_once(tmp_path):
+    out = tmp_path / "ttft.csv"
+    for row in (_row("a", "sa"), _row("b", "old"), _row("c", "x"), _row("z", "other-grid")):
+        bench.append_row(out, row)
+    with open(tmp_path / "ttft.timeline.jsonl", "w") as f:
+        for p in ("a", "b"):
+            f.write(json.dumps({**_row(p), "events": []}) + "\n")
+    key = lambda p: bench._row_key(_row(p))  # noqa: E731
+    expected = {key("a"): "sa", key("b"): "sb", key("c"): "sc"}
+    said = []
+    kept, done = bench.settle_rows(out, expected, log=said.append)
+    assert done == {key("a")} and [r["policy"] for r in kept] == ["a", "z"]  # z: not this run's grid
+    assert [r["policy"] for r in bench.read_rows(out)] == ["a", "z"]
+    assert [r["policy"] for r in bench.read_rows(tmp_path / "ttft.stale.csv")] == ["b", "c"]  # nothing deleted
+    assert [json.loads(x)["policy"] for x in (tmp_path / "ttft.timeline.jsonl").read_text().splitlines()] == ["a"]
+    assert json.loads((tmp_path / "ttft.stale.timeline.jsonl").read_text())["policy"] == "b"
+    assert len(said) == 1 and said[0].startswith("2 rows were made by other code/settings: recomputing them")
+    said.clear()
+    bench.settle_rows(out, expected, log=said.append)
+    assert said == []  # said once: the rest of the file is this run's
+
+
+def test_rows_from_before_stamps_are_recomputed_unless_adopted(tmp_path):
+    out = tmp_path / "ttft.csv"
+    with open(out, "w", newline="") as f:  # an older file: no stamp column
+        w = csv.DictWriter(f, fieldnames=[c for c in bench.COLUMNS if c != "stamp"], extrasaction="ignore")
+        w.writeheader()
+        w.writerow(_row("a"))
+    expected = {bench._row_key(_row("a")): "sa"}
+    said = []
+    kept, done = bench.settle_rows(out, expected, adopt_unstamped=True, log=said.append)
+    assert done == set(expected) and len(kept) == 1 and "adopting 1 unstamped rows" in said[0]
+    assert "stamp" in bench.read_rows(out)[0]  # the header now has the column; the row is kept as is
+    said.clear()
+    kept, done = bench.settle_rows(out, expected, log=said.append)
+    assert done == set() and kept == [] and "carry no stamp" in said[0]
+    assert len(bench.read_rows(tmp_path / "ttft.stale.csv")) == 1
+
+
+def test_a_rerun_under_other_settings_recomputes_its_rows(tmp_path):
+    said = []
+    cfg = _cfg(tmp_path, tiers=["pageable"], policies=["full-load"], log=said.append)
+    first = bench.run_ttft(cfg)
+    assert len(first) == 1 and first[0]["stamp"]
+    assert bench.run_ttft(cfg) == []
+    again = bench.run_ttft({**cfg, "repeats": 2})
+    assert len(again) == 1 and again[0]["stamp"] != first[0]["stamp"]
+    assert sum("were made by other code/settings" in m for m in said) == 1
+    assert len(bench.read_rows(tmp_path / "ttft.csv")) == 1 and len(bench.read_rows(tmp_path / "ttft.stale.csv")) == 1
