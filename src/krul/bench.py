@@ -381,16 +381,30 @@ STAMP_SETTINGS = ("new_tokens", "repeats", "warmup", "repeats_disk", "warmup_dis
 
 def bench_stamp(cfg: dict, variant: dict, dev_label: str, code: str | None = None) -> str:
     """The stamp of a row of `variant` (`stamps.stamp`): krul's code version, the device, torch, the
-    run's `STAMP_SETTINGS`, the plan file's content, and the variant's policy (every parameter),
-    plan and compression parameters."""
-    from krul.stamps import file_digest, stamp
+    run's `STAMP_SETTINGS`, the plan file's content (not when it was written), and the variant's
+    policy (every parameter), plan and compression parameters."""
+    from krul.stamps import stamp
 
     plan = variant.get("plan")
     return stamp({"kind": "bench-ttft", "device": dev_label, "torch": torch.__version__,
                   "settings": {k: cfg.get(k) for k in STAMP_SETTINGS},
-                  "plan_file": file_digest(cfg.get("plan_file")), "policy": repr(variant["policy"]),
+                  "plan_file": _plan_file_digest(cfg.get("plan_file")), "policy": repr(variant["policy"]),
                   "plan": None if plan is None else [[list(p) for p in plan.pairs], plan.method],
                   "params": variant.get("params")}, code)
+
+
+def _plan_file_digest(path) -> str | None:
+    """The plan file's content: its JSON but its provenance (`krul.plans` stamps when it was
+    written), else its bytes."""
+    from krul.stamps import file_digest, record_digest
+
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return file_digest(path) if Path(path).exists() else f"missing: {path}"
+    return record_digest(data) if isinstance(data, dict) else record_digest({"plans": data})
 
 
 def settle_rows(out: Path | None, expected: dict, adopt_unstamped: bool = False, log=print) -> tuple[list, set]:

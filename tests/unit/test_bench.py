@@ -206,8 +206,11 @@ def test_a_row_stamp_changes_with_settings_plan_file_device_and_code(tmp_path, m
     plans = tmp_path / "plans.json"
     plans.write_text("[]")
     with_file = bench.bench_stamp({**cfg, "plan_file": str(plans)}, _variant(), "cpu:x")
-    plans.write_text("[ ]")  # the same name, other content
-    assert bench.bench_stamp({**cfg, "plan_file": str(plans)}, _variant(), "cpu:x") != with_file
+    plans.write_text('{"policies": [], "provenance": {"time": "later"}}')  # the same name, other content
+    other = bench.bench_stamp({**cfg, "plan_file": str(plans)}, _variant(), "cpu:x")
+    assert other != with_file
+    plans.write_text('{"policies": [], "provenance": {"time": "even later"}}')  # re-written, same plans
+    assert bench.bench_stamp({**cfg, "plan_file": str(plans)}, _variant(), "cpu:x") == other
     monkeypatch.setattr("krul.evaluation.code_version", lambda: "edited")
     assert bench.bench_stamp(cfg, _variant(), "cpu:x").startswith("edited-")
 
