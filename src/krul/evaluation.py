@@ -64,8 +64,10 @@ def paired_ratio_ci(a: dict, b: dict, n_boot: int = 2000, seed: int = 0, level: 
 
 def _reference_path(model: str, conversation_id: str, turn_idx: int, history: str) -> str:
     """The cache file of a greedy reference; `conversation_id` is the conversation's `content_key`
-    (id + digest of its messages), so an edited conversation under the same id gets its own."""
-    key = hashlib.sha256(f"{model}|{conversation_id}|{turn_idx}|{history}|{GREEDY_TOKENS}".encode()).hexdigest()[:20]
+    (id + digest of its messages), so an edited conversation under the same id gets its own; the key
+    also holds `code_version()`, so a reference written by other code is never read back."""
+    key = hashlib.sha256(f"{model}|{conversation_id}|{turn_idx}|{history}|{GREEDY_TOKENS}|{code_version()}"
+                         .encode()).hexdigest()[:20]
     return str(paths.krul_home() / "cache" / "greedy" / f"{key}.json")
 
 

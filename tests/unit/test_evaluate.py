@@ -100,3 +100,13 @@ def test_without_scored_replies_the_summary_says_so():
                                    "n_conversations": 1, "n_scored_tokens": 0}, {"a": (0.0, 0)}, 0)
     assert s["nll_ratio_to_full_load"] is None and s["full_load_nll"] is None
     assert "no real reply was scored" in evaluation.describe(s)
+
+
+def test_greedy_references_are_keyed_by_content_and_code(monkeypatch):
+    """A greedy reference's cache file changes with the conversation's content key and with the code
+    version, so neither an edited conversation nor other code reads back an old reference."""
+    path = evaluation._reference_path("m", "c1:abc", 0, "teacher")
+    assert path == evaluation._reference_path("m", "c1:abc", 0, "teacher")
+    assert path != evaluation._reference_path("m", "c1:abd", 0, "teacher")
+    monkeypatch.setattr(evaluation, "code_version", lambda: "another-version")
+    assert path != evaluation._reference_path("m", "c1:abc", 0, "teacher")
