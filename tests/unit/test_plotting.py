@@ -55,7 +55,7 @@ PLOTS = sorted(name for name, f in inspect.getmembers(plotting, inspect.isfuncti
                if name.startswith("plot_") and f.__module__ == plotting.__name__)
 # axis labels that need no unit
 UNITLESS = {"layer", "policy", "stream", "conversation", "model and dataset", "mode", "model", "budget setting",
-            "run", "tier"}
+            "run", "tier", "throughput measure"}  # categorical axes (ticks carry any unit)
 UNIT = re.compile(r"\(.*\S.*\)")
 MIN_FONT_PT = 8
 MAX_WIDTH_IN = 14.5
@@ -69,8 +69,22 @@ def _calibration_records():
         "policy", "n_pairs", "compression_ratio", "nll_ratio", "nll_ratio_lo", "nll_ratio_hi", "rank_ratio"}
 
 
+def _fig10_trace_rows():
+    rows = []
+    for budget_set in ("default", "forced"):
+        for k, pol in enumerate(("full-recompute", "full-load", "cake", "krul")):
+            r = 1.0 if pol == "full-recompute" else 1.2 + 0.3 * k
+            rows.append({"budget_set": budget_set, "model": "smollm2-135m", "policy": pol,
+                         "role": "krul-family" if pol == "krul" else "baseline", "prefill_tokens_per_s": 900 * r,
+                         "turns_per_s": 2.0 * r, "ttft_p50_s": 0.4 / r, "prefill_tokens_per_s_vs_full_recompute": r,
+                         "turns_per_s_vs_full_recompute": r, "ttft_p50_vs_full_recompute": 1 / r,
+                         "ttft_p95_vs_full_recompute": 1.1 / r, "ttft_p99_vs_full_recompute": 1.2 / r})
+    df = pd.DataFrame(rows).assign(run="cpu-default")
+    return (df,), set(df.columns)
+
+
 # plot functions whose input is not a figure's tidy frame (or that have no committed reference data)
-SYNTHETIC = {"plot_calibration_curves": _calibration_records}
+SYNTHETIC = {"plot_calibration_curves": _calibration_records, "plot_fig10_throughput": _fig10_trace_rows}
 
 
 def _inputs(name):
