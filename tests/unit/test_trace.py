@@ -100,3 +100,38 @@ def test_options_parse_and_bad_ones_exit_2(capsys):
     assert main(["--budgets", "ram=1G"]) == 2
     assert main(["--data", "/nonexistent.jsonl"]) == 2
     assert "krul trace:" in capsys.readouterr().err
+
+
+def test_fig10_rows_and_claim_from_a_trace_report(report):
+    """fig10's rows carry every policy's throughput, TTFT percentiles and their ratios to
+    full-recompute; its claim (the krul-family policy's prefill tokens/s over the strongest
+    baseline's, smallest over budget settings) holds when krul is fastest and fails as soon as one
+    baseline is faster, in any one budget setting."""
+    import pandas as pd
+
+    from krul.figures.fig10_throughput import claim, rows_of
+
+    df = pd.DataFrame(rows_of(report, "forced", "krul-svd-loss"))
+    assert list(df.policy) == ["full-recompute", "full-load", "cake", "krul-svd-loss"]
+    assert list(df.role) == ["baseline"] * 3 + ["krul-family"]
+    base = df[df.policy == "full-recompute"].iloc[0]
+    assert base.prefill_tokens_per_s_vs_full_recompute == pytest.approx(1.0)
+    assert base.ttft_p99_vs_full_recompute == pytest.approx(1.0)
+    assert (df.ttft_p50_s <= df.ttft_p99_s).all() and (df.turns == 18).all()
+    cfg = {"claim": {"policy": "krul-svd-loss", "baselines": ["full-recompute", "full-load", "cake"]}}
+    tput = dict(zip(df.policy, df.prefill_tokens_per_s))
+    expected = tput["krul-svd-loss"] / max(tput[p] for p in ("full-recompute", "full-load", "cake"))
+    assert claim(df, cfg) == pytest.approx(expected)
+
+    def setting(name, krul, best_rival):
+        d = df.copy()
+        d["budget_set"] = name
+        d.loc[d.policy == "krul-svd-loss", "prefill_tokens_per_s"] = krul
+        d.loc[d.policy != "krul-svd-loss", "prefill_tokens_per_s"] = [100.0, best_rival, 90.0]
+        return d
+
+    wins = pd.concat([setting("default", 150.0, 120.0), setting("forced", 130.0, 110.0)])
+    assert claim(wins, cfg) == pytest.approx(130.0 / 110.0)
+    one_loses = pd.concat([setting("default", 150.0, 120.0), setting("forced", 100.0, 125.0)])
+    assert claim(one_loses, cfg) == pytest.approx(100.0 / 125.0) and claim(one_loses, cfg) < 1.0
+    assert claim(df[df.policy != "krul-svd-loss"], cfg) is None  # no krul-family row: not measured
