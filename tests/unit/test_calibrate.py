@@ -189,6 +189,22 @@ def test_codec_comparison_says_which_side_wins_either_way():
     assert largest_within([_pt("a", 2.0, 1.02)]) is None
 
 
+def test_quantization_alone_is_the_best_codec_at_each_size():
+    """The quantization-only side is the lower envelope of its codecs: a codec that stores less than
+    another only at a far worse nll (kivi 2.55x at 1.14 behind int4 3.41x at 1.006) is dropped, so
+    it cannot make quantization look worse than its best codec at those bytes."""
+    from krul.calibrate import codec_comparison, pareto_front
+
+    points = [_pt("int8", 1.8, 1.0002), _pt("kivi", 2.55, 1.14), _pt("int4", 3.4, 1.0064),
+              _pt("krul-svd-loss-int8", 2.47, 1.002, k=8)]
+    assert [q["policy"] for q in pareto_front(points[:3])] == ["int8", "int4"]
+    assert [q["policy"] for q in pareto_front([_pt("a", 2.0, 1.0), _pt("b", 2.0, 1.0)])] == ["a", "b"]
+    row = next(l for l in codec_comparison(points, ("krul-svd-loss-int8",), ("int8", "int4", "kivi")).splitlines()
+               if l.startswith("| krul-svd-loss-int8"))
+    at = float(row.split("|")[5].split()[0])
+    assert 1.0002 < at < 1.0064  # between int8 and int4, not pulled up by kivi
+
+
 def test_h2o_curve_points_sit_at_their_target_storage_ratios():
     from krul.calibrate import point_key
 
