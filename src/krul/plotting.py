@@ -601,7 +601,7 @@ def plot_fig10_throughput(df: pd.DataFrame):
             b = base.iloc[0]
             axes[0, i].set_title(f"{run}, {budget_set} budgets\nfull-recompute: {b.prefill_tokens_per_s:.0f} "
                                  f"prefill tokens/s, TTFT p50 {b.ttft_p50_s:.2f} s", fontsize=9.5)
-    _dedup_legend(fig, [*axes[1], *axes[0]], loc="outside right upper", title="policy")
+    _dedup_legend(fig, [*axes[1], *axes[0]], loc="outside right center", title="policy")
     fig.suptitle(title, fontsize=TITLE_SIZE)
     _note(fig, "Ratios to full-recompute measured in the same trace (the line at 1.0).\nPrefill tokens: every "
                "turn's restored history plus its new input. Points shifted sideways to keep equal values visible.")
