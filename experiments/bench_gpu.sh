@@ -8,6 +8,9 @@
 #   bash experiments/bench_gpu.sh pageable      # llama-7b @4000 pageable                   (~2 min)
 #   bash experiments/bench_gpu.sh overlap       # llama-7b @4000 pinned, eager and eager-overlap
 #                                               # new-input paths beside the graph rows     (~2 min)
+#   bash experiments/bench_gpu.sh issue-thread  # llama-7b 2000,4000 pinned with the loads issued by a
+#                                               # loader thread of their own (--loader-issue thread),
+#                                               # into ttft-issue-thread.csv beside accept's rows (~2 min)
 #   bash experiments/bench_gpu.sh accept        # the GPU acceptance rows: llama-7b 500..8000 pinned
 #                                               # and 4000 disk, krul = krul-svd-loss with its plan
 #                                               # (made here by python -m krul.plans), then the
@@ -41,7 +44,7 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_V
 LOG="$RES/bench_gpu.log"
 
 copy_out() {
-  if [ -n "${OUT:-}" ]; then cp -f "$RES"/ttft.csv "$RES"/ttft.env.json "$RES"/ttft.timeline.jsonl "$RES"/accept.json "$LOG" "$OUT"/ 2>/dev/null; fi
+  if [ -n "${OUT:-}" ]; then cp -f "$RES"/ttft*.csv "$RES"/ttft*.env.json "$RES"/ttft*.timeline.jsonl "$RES"/accept.json "$LOG" "$OUT"/ 2>/dev/null; fi
   return 0
 }
 trap copy_out EXIT
@@ -70,6 +73,11 @@ for cell in "$@"; do
     overlap)  bench --shapes llama-7b --lengths 4000 --tiers pinned --prefill eager,eager-overlap ;;
     lengths)  bench --shapes llama-7b --lengths 500,1000,2000,8000 --tiers pinned ;;
     long)     bench --shapes llama-7b,llama3-8b --lengths 16000 --tiers pinned --repeats 3 ;;
+    issue-thread)  # its own csv: --loader-issue is in the row stamp, so sharing accept's would set those aside
+      [ -f "$PLAN" ] || "$PY" -m krul.plans --out "$PLAN" 2>&1 | tee -a "$LOG"
+      [ -f "$PLAN" ] && PLAN_ARGS=(--plan-file "$PLAN")
+      bench --shapes llama-7b --lengths 4000,2000 --tiers pinned --loader-issue thread \
+            --policies full-load,cake,krul-svd-loss,kvsharer --out "$RES/ttft-issue-thread.csv" ;;
     gqa-lengths) bench --shapes llama3-8b --lengths 1000,8000 --tiers pinned,disk --repeats-disk 2 ;;
     accept)
       "$PY" -m krul.plans --out "$PLAN" 2>&1 | tee -a "$LOG"

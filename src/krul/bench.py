@@ -54,7 +54,7 @@ from krul.adapter import BufferCache, ModelAdapter, recompute_into  # noqa: E402
 from krul.plans import PlanError, SourcePlan, choose_plan, load_plan_file, map_pairs  # noqa: E402,F401
 from krul.policies import POLICIES  # noqa: E402
 from krul.pricing import PlanPricing  # noqa: E402
-from krul.restore import DiskSource, drop_page_cache, host_pool, restore_into  # noqa: E402
+from krul.restore import ISSUE_MODES, DiskSource, drop_page_cache, host_pool, restore_into  # noqa: E402
 from krul.selector import CompressionPlan, MiniCacheSelector, n_pairs_for_ratio  # noqa: E402
 from krul.store import DiskStore, MemoryStore, build_state  # noqa: E402
 
@@ -367,6 +367,15 @@ def append_row(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
+def issue_rates(rates: scheduler.RestoreRates, issue: str) -> scheduler.RestoreRates:
+    """The rates the scheduler prices a restore with under `restore_into(issue=...)`: with the loads
+    issued by a thread of their own, no recomputed layer carries their issue cost
+    (`load_issue_lookahead` 0); interleaved, the probed coupling stays."""
+    from dataclasses import replace
+
+    return replace(rates, load_issue_lookahead=0.0) if issue == "thread" else rates
+
+
 def _sidecar(out: Path, suffix: str) -> Path:
     return out.with_name(out.stem + suffix)
 
@@ -376,7 +385,7 @@ def _sidecar(out: Path, suffix: str) -> Path:
 # run may be left with fewer)
 STAMP_SETTINGS = ("new_tokens", "repeats", "warmup", "repeats_disk", "warmup_disk", "verify", "seed",
                   "rates_grid", "load_profile_bytes", "bandwidth_bytes", "torch_threads", "time_estimator",
-                  "plan_model")
+                  "plan_model", "loader_issue")
 
 
 def bench_stamp(cfg: dict, variant: dict, dev_label: str, code: str | None = None) -> str:
@@ -517,6 +526,9 @@ def resolve_config(cfg: dict) -> dict:
     bad = [x for x in cfg["prefill"] if x not in PREFILL_PATHS]
     if bad:
         raise BenchError(f"unknown prefill paths {bad}; known: {', '.join(PREFILL_PATHS)}")
+    cfg["loader_issue"] = cfg.get("loader_issue") or "interleaved"
+    if cfg["loader_issue"] not in ISSUE_MODES:
+        raise BenchError(f"unknown loader issue {cfg['loader_issue']!r}; known: {', '.join(ISSUE_MODES)}")
     cfg.setdefault("verify", True)
     cfg.setdefault("timeline", True)
     cfg.setdefault("seed", 0)
@@ -847,6 +859,8 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
     t = time.perf_counter()
     rates = profile.measure_rates(adapter, tier, grid, root=disk_root, load_bytes=cfg["load_profile_bytes"],
                                   verify=cfg["verify"])
+    if cfg["loader_issue"] == "thread":  # the loads' issue work runs on its own thread, not in the layers
+        rates = issue_rates(rates, cfg["loader_issue"])
     raw_bw = profile.raw_bandwidth(tier, device, nbytes=cfg["bandwidth_bytes"], root=disk_root)
     bw = raw_bw  # the bound's B: the best of repeated raw large copies, never a fitted slope
     log(f"[{shape} {tier}] rates ({time.perf_counter() - t:.1f} s): recompute {rates.recompute_s_per_token * 1e6:.2f} "
@@ -919,7 +933,7 @@ def _run_tier(adapter, shape, tier, block, todo, cfg, disk_root, dev_label, mode
                     profile.sync(device)
                     t0 = time.perf_counter()
                     rep = restore_into(adapter, source, cache, timeline=timeline, verify=cfg["verify"],
-                                       join=join)
+                                       join=join, issue=cfg["loader_issue"])
                     t1 = time.perf_counter()
                     tok = prefill.run()
                     t2 = time.perf_counter()
@@ -1081,6 +1095,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", default="graph",
                    help=f"new-input prefill path(s), comma list of {','.join(PREFILL_PATHS)}: the same for "
                         "every policy (see NewInputPrefill); each path is its own set of rows")
+    p.add_argument("--loader-issue", default="interleaved", choices=list(ISSUE_MODES),
+                   help="who enqueues pinned CUDA loads while layers are recomputed: the recompute loop "
+                        "between layers (interleaved) or a loader thread of its own (thread); "
+                        "restore_into's `issue`")
     p.add_argument("--no-verify", action="store_true", help="skip the disk body's sha256 check")
     p.add_argument("--no-timeline", action="store_true", help="skip the extra per-layer timeline run")
     p.add_argument("--time-estimator", action="store_true",
@@ -1112,7 +1130,8 @@ def main_ttft(argv: list[str]) -> int:
            "time_estimator": args.time_estimator,
            "rates_grid": _csv_list(args.rates_grid, int), "device": args.device, "seed": args.seed,
            "bandwidth_bytes": args.bandwidth_mib << 20 if args.bandwidth_mib else None,
-           "threads": args.threads, "adopt_unstamped": args.adopt_unstamped}
+           "threads": args.threads, "adopt_unstamped": args.adopt_unstamped,
+           "loader_issue": args.loader_issue}
     try:
         rows = run_ttft(cfg)
     except BenchError as exc:

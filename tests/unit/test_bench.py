@@ -270,3 +270,30 @@ def test_a_rerun_under_other_settings_recomputes_its_rows(tmp_path):
     assert len(again) == 1 and again[0]["stamp"] != first[0]["stamp"]
     assert sum("were made by other code/settings" in m for m in said) == 1
     assert len(bench.read_rows(tmp_path / "ttft.csv")) == 1 and len(bench.read_rows(tmp_path / "ttft.stale.csv")) == 1
+
+
+def test_loader_issue_reaches_the_restore_and_the_price(tmp_path, monkeypatch):
+    """--loader-issue thread: every timed restore is called with issue="thread", the scheduler prices
+    it without the loads' issue cost in the recomputed layers, and the setting is in the row stamp;
+    an unknown mode is a BenchError naming the known ones."""
+    from dataclasses import replace
+
+    seen = []
+    real = bench.restore_into
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("issue"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "restore_into", spy)
+    rows = bench.run_ttft(_cfg(tmp_path, tiers=["pageable"], policies=["cake"], loader_issue="thread"))
+    assert rows and seen and set(seen) == {"thread"}
+    rates = replace(profile.measure_rates(bench.build_adapter("tiny-llama", torch.device("cpu"))[0], "pageable",
+                                          (8, 24), load_bytes=1 << 20), load_issue_lookahead=2.0)
+    assert bench.issue_rates(rates, "thread").load_issue_lookahead == 0.0
+    assert bench.issue_rates(rates, "interleaved") is rates
+    cfg = bench.resolve_config(_cfg(tmp_path))
+    assert bench.bench_stamp(cfg, _variant(), "cpu:x") != \
+        bench.bench_stamp(bench.resolve_config(_cfg(tmp_path, loader_issue="thread")), _variant(), "cpu:x")
+    with pytest.raises(bench.BenchError, match="interleaved, thread"):
+        bench.resolve_config(_cfg(tmp_path, loader_issue="eager"))
