@@ -42,7 +42,8 @@ import yaml
 
 from krul import paths
 from krul.figures import (fig1_similarity_variability, fig2_ttft, fig3_storage, fig4_accuracy, fig5_ratio_sweep,
-                          fig6_restore_timeline, fig7_estimator_overhead, fig8_ablation, fig9_history_length)
+                          fig6_restore_timeline, fig7_estimator_overhead, fig8_ablation, fig9_history_length,
+                          fig10_throughput)
 from krul.figures.common import ExperimentError, MissingComponent, NotApplicable, finite
 from krul.figures.common import PartialResults, policy_key  # noqa: F401 - re-exported for notebooks and tests
 
@@ -388,7 +389,7 @@ def check_claim(cfg: dict, df: pd.DataFrame) -> dict:
 
 FIGURES = {m.__name__.rsplit(".", 1)[-1]: m for m in (
     fig1_similarity_variability, fig2_ttft, fig3_storage, fig4_accuracy, fig5_ratio_sweep, fig6_restore_timeline,
-    fig7_estimator_overhead, fig8_ablation, fig9_history_length)}
+    fig7_estimator_overhead, fig8_ablation, fig9_history_length, fig10_throughput)}
 RUNNERS = {slug: m.run for slug, m in FIGURES.items()}
 CLAIM_METRICS = {m.METRIC: m.claim for m in FIGURES.values()}  # the YAML's `claim.metric` -> the predicate's value
 
@@ -523,6 +524,7 @@ SIDE_BY_SIDE = {
                                     longest="seq_len"),
     "fig8_ablation": dict(by="policy", value="nll", agg="mean", where=None, longest=None),
     "fig9_history_length": dict(by="policy", value="ttft_s", agg="median", where=None, longest="history_tokens"),
+    "fig10_throughput": dict(by="policy", value="prefill_tokens_per_s", agg="min", where=None, longest=None),
 }
 
 
