@@ -79,8 +79,9 @@ plans: results/plans/krul_plans.json
 results/plans/krul_plans.json: $(wildcard experiments/calibration/*.svd*.json) src/krul/plans.py | setup
 	$(PY) -m krul.plans --out $@
 
+LAB_ARGS ?=
 lab: setup
-	.venv/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
+	.venv/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
 clean-results:
 	rm -rf results/*/$(RUN_NAME)

@@ -134,3 +134,67 @@ def test_unknown_papermill_parameter_fails(tmp_path):
     assert re.search(r"unknown parameter\(s\) 'n_convs'; known: profile, device, out_dir, seed, models, "
                      r"policies, tier, conversations", done.stdout + done.stderr)
     assert not (tmp_path / "run" / "data.csv").exists()
+
+
+@pytest.mark.notebooks
+def test_a_headless_run_through_the_krul_kernel_writes_an_interactive_folder(tmp_path):
+    """A notebook run without `out_dir` (JupyterLab's Run All, here executed headless through the
+    `krul` kernel) writes to a fresh `results/<slug>/interactive-<time>` folder, never to
+    `make reproduce`'s `cpu-default` or a reference."""
+    from krul.experiments import KERNEL_NAME, ensure_kernel
+
+    ensure_kernel()
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "fig3_storage.ipynb"),
+           str(tmp_path / "fig3_storage.ipynb"), "-k", KERNEL_NAME, "--cwd", str(ROOT),
+           "-p", "profile", "smoke", "-p", "device", "cpu",
+           "-p", "models", '["smollm2-135m"]', "-p", "policies", '["full-load"]']
+    subprocess.run(cmd, check=True, capture_output=True, text=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "KRUL_RESULTS": str(results)})
+    runs = sorted((results / "fig3_storage").iterdir())
+    assert [r.name.startswith("interactive-") for r in runs] == [True], runs
+    assert (runs[0] / "data.csv").is_file() and (runs[0] / "config.yaml").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.notebooks
+def test_make_lab_starts_and_stops(tmp_path):
+    """`make lab` (as root too: the Makefile adds --allow-root) serves JupyterLab, which answers on
+    its port, and stops on SIGTERM."""
+    import signal
+    import time
+    import urllib.request
+
+    if not (ROOT / ".stamps" / "venv").exists():
+        pytest.skip("make lab needs make setup first")
+    port = _free_port()
+    log = open(tmp_path / "lab.log", "w")
+    proc = subprocess.Popen(["make", "-s", "lab", f"LAB_ARGS=--no-browser --port={port} --ServerApp.port_retries=0 "
+                             f"--ServerApp.root_dir={ROOT} --ServerApp.runtime_dir={tmp_path}"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")})
+    try:
+        deadline, answered = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api", timeout=2) as r:
+                    answered = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(1)
+        assert answered and "version" in answered, (tmp_path / "lab.log").read_text()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode is not None
