@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -49,6 +50,17 @@ _POLICY_STYLES = {
     "krul-svd-loss": dict(color="#17becf", marker="h", linestyle="-"),
     "krul-share": dict(color="#7f7f7f", marker="p", linestyle=":"),
     "krul-no-preempt": dict(color="#ff9896", marker="d", linestyle="-."),
+    # the storage policies (issue 19): svd pairs in blues, their quantized forms darker; quantization
+    # alone in greens (dotted), h2o's eviction in grey
+    "krul-svd": dict(color="#6baed6", marker="o", linestyle="-"),
+    "krul-fix-svd": dict(color="#6baed6", marker="x", linestyle="--"),
+    "krul-fix-svd-loss": dict(color="#17becf", marker="x", linestyle="--", markeredgewidth=1.6),
+    "krul-svd-loss-int8": dict(color="#1f5fa8", marker="h", linestyle="-"),
+    "krul-svd-loss-int4": dict(color="#0b2e59", marker="H", linestyle="-"),
+    "int8": dict(color="#74c476", marker=">", linestyle=":"),
+    "int4": dict(color="#238b45", marker="<", linestyle=":"),
+    "kivi": dict(color="#00441b", marker="*", linestyle=":", markersize=8),
+    "h2o": dict(color="#7f7f7f", marker="v", linestyle="-."),
 }
 _FALLBACK = [("#393b79", "<"), ("#637939", ">"), ("#8c6d31", "1"), ("#843c39", "2"), ("#7b4173", "3")]
 _LINESTYLES = ["-", "--", ":", "-."]
@@ -524,9 +536,12 @@ def plot_fig9_history_length(df: pd.DataFrame):
 
 
 def plot_calibration_curves(record: dict, *more: dict):
-    """nll ratio (paired 95% CI) against measured compression ratio, one line per policy, from one
-    or more `krul.calibrate.curves` records of the same model, split and conversations (a policy's
-    points from several records join into one line)."""
+    """nll ratio (paired 95% CI) against storage ratio (full KV / stored bytes, both priced at 2
+    bytes per unquantized element, `pricing.storage_ratio`; records made before that pricing fall
+    back to the measured compression ratio), one line per policy, from one or more
+    `krul.calibrate.curves` records of the same model, split and conversations (a policy's points
+    from several records join into one line). The x axis is logarithmic: the codec policies reach
+    7x, the merge policies stay under 2x."""
     for other in more:
         if (other["model"], other["split"], other["conversations"]) != (
                 record["model"], record["split"], record["conversations"]):
@@ -535,21 +550,34 @@ def plot_calibration_curves(record: dict, *more: dict):
         return p["policy"] + (f" (rank {p['rank_ratio']:g})" if p.get("rank_ratio") is not None else "")
 
     points = [p for r in (record, *more) for p in r["points"]]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for k, name in enumerate(sorted(dict.fromkeys(label(p) for p in points), key=lambda n: n != KRUL)):
-        pts = sorted((p for p in points if label(p) == name), key=lambda p: p["compression_ratio"])
-        y = [p["nll_ratio"] for p in pts]
-        err = [[p["nll_ratio"] - p["nll_ratio_lo"] for p in pts], [p["nll_ratio_hi"] - p["nll_ratio"] for p in pts]]
-        ax.errorbar([p["compression_ratio"] for p in pts], y, yerr=err, capsize=3, label=name,
-                    **_style(name.split(" (rank")[0], k))
-    _full_load_line(ax, label="full-load (full KV)")
-    ax.axhline(1.01, color="grey", ls="--", lw=1, label="full KV + 1%")
-    ax.set_xlabel("compression ratio of loaded KV (x, measured)")
-    ax.set_ylabel(LABELS["nll_ratio"])
-    ax.set_title(f"{record['model']}, {record['split']}: {len(record['conversations'])} conversations, "
-                 f"recompute 0", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    x = "storage_ratio" if all(p.get("storage_ratio") for p in points) else "compression_ratio"
+    lo, hi = min(p[x] for p in points), max(p[x] for p in points)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    for ax in axes:
+        for k, name in enumerate(sorted(dict.fromkeys(label(p) for p in points), key=lambda n: n != KRUL)):
+            pts = sorted((p for p in points if label(p) == name), key=lambda p: p[x])
+            y = [p["nll_ratio"] for p in pts]
+            err = [[p["nll_ratio"] - p["nll_ratio_lo"] for p in pts],
+                   [p["nll_ratio_hi"] - p["nll_ratio"] for p in pts]]
+            ax.errorbar([p[x] for p in pts], y, yerr=err, capsize=3, label=name,
+                        **_style(name.split(" (rank")[0], k))
+        _full_load_line(ax, label="full-load (full KV)")
+        ax.axhline(1.01, color="grey", ls="--", lw=1, label="full KV + 1%")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+        ax.set_xticks([t for t in (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7, 10) if lo / 1.1 <= t <= hi * 1.1])
+        ax.set_xlabel("storage ratio (full KV / stored bytes, at 2 bytes per element; log)" if x == "storage_ratio"
+                      else "compression ratio of loaded KV (x, measured)")
+        ax.set_ylabel(LABELS["nll_ratio"])
+    axes[0].set_title("all measured points", fontsize=9)
+    # the zoom: where the 1% bar decides (points above it are clipped, their lines run off the top)
+    axes[1].set_ylim(0.99, 1.04)
+    axes[1].set_title("zoom on nll ratio 0.99-1.04: the 1% bar", fontsize=9)
+    fig.suptitle(f"{record['model']}, {record['split']}: {len(record['conversations'])} conversations, "
+                 f"recompute 0; 95% paired bootstrap intervals", fontsize=TITLE_SIZE)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="policy")
     return fig
 
 
