@@ -872,39 +872,46 @@ def largest_within(curve: list[dict], tolerance: float = 0.01) -> float | None:
     return max(ok) if ok else None
 
 
-def pareto_front(points) -> list[dict]:
-    """The points that no other point beats in storage and quality at once (stores at least as much
-    less, at an nll ratio at least as low, one of them strictly), sorted by storage ratio: a curve
-    joined from several codecs is the best codec at each size (kivi at 2.55x behind int4 at 3.41x
-    drops out)."""
-    def beaten(q):
-        return any(o["storage_ratio"] >= q["storage_ratio"] and o["nll_ratio"] <= q["nll_ratio"]
-                   and (o["storage_ratio"], o["nll_ratio"]) != (q["storage_ratio"], q["nll_ratio"]) for o in points)
-
-    return sorted((q for q in points if not beaten(q)), key=lambda q: q["storage_ratio"])
+def envelope_at(points, ratio: float) -> dict | None:
+    """The lowest nll ratio (with its interval bounds) that any two measured `points` reach at storage
+    `ratio` by interpolation between them (linear in log storage ratio; a point at `ratio` itself
+    counts): the best mix of two codecs at those bytes. A codec storing less than another only at a
+    far worse nll (kivi's 2.55x at 1.14 beside int4's 3.41x) cannot pull the curve up, and a codec
+    beaten by another at noise level (qwen's int8 at 1.0000 beside int4 at 0.9998) still anchors it
+    from below. None outside the measured range."""
+    pts = [q for q in points if q.get("storage_ratio")]
+    cands = [interpolate(sorted((a, b), key=lambda q: q["storage_ratio"]), ratio)
+             for a in pts for b in pts if a["storage_ratio"] <= b["storage_ratio"]]
+    cands = [c for c in cands if c is not None]
+    return min(cands, key=lambda c: c["nll_ratio"]) if cands else None
 
 
 def codec_comparison(points, crosslayer, quant_only) -> str:
     """Markdown table: every measured point of each cross-layer policy (`crosslayer`, e.g. the
-    quantized krul-svd-loss) beside the quantization-only curve (`quant_only`: int8, int4, kivi,
-    joined into one curve: their lower envelope, `pareto_front`, so that a codec storing less at a
-    much worse nll never drags quantization down) at the same stored bytes, interpolated in log
-    storage ratio between its measured points (its interval bounds interpolated the same way);
-    then every measured quantization-only point against each cross-layer curve. "-" where the
-    other curve was not measured that far."""
-    quant = pareto_front([q for q in points if q["policy"] in quant_only and q.get("storage_ratio")])
+    quantized krul-svd-loss) beside quantization alone (`quant_only`: int8, int4, kivi, joined into
+    one curve, their lower envelope `envelope_at`) at the same stored bytes, interpolated in log
+    storage ratio between measured points (interval bounds interpolated the same way); then every
+    measured quantization-only point against each cross-layer curve. "-" where the other curve was
+    not measured that far. The winner is the lower nll estimate, marked "(intervals overlap)" when
+    the two intervals overlap: then the data do not separate the two."""
+    quant = [q for q in points if q["policy"] in quant_only and q.get("storage_ratio")]
     fmt = lambda r: f"{r['nll_ratio']:.4f} [{r['nll_ratio_lo']:.4f}, {r['nll_ratio_hi']:.4f}]"
     lines = ["| measured point | storage ratio | its nll ratio [95% CI] | other side at the same bytes | "
              "its nll ratio (interpolated) | lower nll |", "| --- | --- | --- | --- | --- | --- |"]
-    pairs = [(q, quant, "quantization alone") for name in crosslayer for q in _curve(points, name)]
-    pairs += [(q, _curve(points, name), name) for name in crosslayer for q in quant]
-    for q, other, other_name in pairs:
-        at = interpolate(other, q["storage_ratio"])
+    rows = [(q, lambda r: envelope_at(quant, r), "quantization alone")
+            for name in crosslayer for q in _curve(points, name)]
+    rows += [(q, lambda r, c=_curve(points, name): interpolate(c, r), name)
+             for name in crosslayer if _curve(points, name) for q in sorted(quant, key=lambda q: q["storage_ratio"])
+             if interpolate(_curve(points, name), q["storage_ratio"]) is not None]  # only where both were measured
+    for q, other_at, other_name in rows:
+        at = other_at(q["storage_ratio"])
         label = f"{q['policy']}" + (f" @ {q['n_pairs']} pairs" if q.get("n_pairs") else "")
         if at is None:
             lines.append(f"| {label} | {q['storage_ratio']:.3f}x | {fmt(q)} | {other_name} | - | - |")
             continue
         better = q["policy"] if q["nll_ratio"] < at["nll_ratio"] else other_name
+        if q["nll_ratio_lo"] <= at["nll_ratio_hi"] and at["nll_ratio_lo"] <= q["nll_ratio_hi"]:
+            better += " (intervals overlap)"
         lines.append(f"| {label} | {q['storage_ratio']:.3f}x | {fmt(q)} | {other_name} | {fmt(at)} | {better} |")
     return "\n".join(lines)
 
