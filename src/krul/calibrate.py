@@ -900,9 +900,10 @@ def codec_comparison(points, crosslayer, quant_only) -> str:
              "its nll ratio (interpolated) | lower nll |", "| --- | --- | --- | --- | --- | --- |"]
     rows = [(q, lambda r: envelope_at(quant, r), "quantization alone")
             for name in crosslayer for q in _curve(points, name)]
-    rows += [(q, lambda r, c=_curve(points, name): interpolate(c, r), name)
-             for name in crosslayer if _curve(points, name) for q in sorted(quant, key=lambda q: q["storage_ratio"])
-             if interpolate(_curve(points, name), q["storage_ratio"]) is not None]  # only where both were measured
+    curves = {name: _curve(points, name) for name in crosslayer}
+    rows += [(q, lambda r, c=c: interpolate(c, r), name)
+             for name, c in curves.items() for q in sorted(quant, key=lambda q: q["storage_ratio"])
+             if interpolate(c, q["storage_ratio"]) is not None]  # only where both were measured
     for q, other_at, other_name in rows:
         at = other_at(q["storage_ratio"])
         label = f"{q['policy']}" + (f" @ {q['n_pairs']} pairs" if q.get("n_pairs") else "")
