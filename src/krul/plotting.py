@@ -600,15 +600,25 @@ def plot_fig10_throughput(df: pd.DataFrame):
                "throughput ratio to\nfull-recompute (x, higher: better)", "throughput measure"),
               ("ttft", [(f"ttft_{p}_vs_full_recompute", p) for p in ("p50", "p95", "p99")],
                "TTFT ratio to\nfull-recompute (x, lower: better)", "TTFT percentile (from each turn's due time)")]
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.6 * len(keys) + 2.4, 7.0), squeeze=False,
+    # at most three (run, budget setting) columns side by side; more go on further pairs of rows
+    ncols = min(3, len(keys))
+    groups = -(-len(keys) // ncols)
+    fig, grid = plt.subplots(2 * groups, ncols, figsize=(4.0 * ncols + 2.4, 7.0 * groups), squeeze=False,
                              layout="constrained")
+    for extra in range(len(keys), groups * ncols):  # the last group's empty cells
+        grid[2 * (extra // ncols), extra % ncols].set_visible(False)
+        grid[2 * (extra // ncols) + 1, extra % ncols].set_visible(False)
+    used = []
     for i, (run, budget_set) in enumerate(keys):
+        axes = grid[2 * (i // ncols):2 * (i // ncols) + 2]
+        col = i % ncols
+        used += [axes[0, col], axes[1, col]]
         d = df[(df.run == run) & (df.budget_set == budget_set)]
         krul_family = set(d.policy[d.role == "krul-family"]) if "role" in d else {KRUL}
         pols = sorted(dict.fromkeys(map(str, d.policy)), key=lambda p: p not in krul_family)
         centre = (len(pols) - 1) / 2
         for j, (_, cols, ylabel, xlabel) in enumerate(panels):
-            ax = axes[j, i]
+            ax = axes[j, col]
             ax.axhline(1.0, label="full-recompute (reference, 1.0)", color="#1f77b4", lw=1.0, ls="-", zorder=2)
             for k, pol in enumerate(pols):
                 g = d[d.policy == pol]
@@ -627,9 +637,9 @@ def plot_fig10_throughput(df: pd.DataFrame):
         base = d[d.policy == "full-recompute"]
         if not base.empty and {"prefill_tokens_per_s", "ttft_p50_s"} <= set(base):
             b = base.iloc[0]
-            axes[0, i].set_title(f"{run}, {budget_set} budgets\nfull-recompute: {b.prefill_tokens_per_s:.0f} "
-                                 f"prefill tokens/s, TTFT p50 {b.ttft_p50_s:.2f} s", fontsize=9.5)
-    _dedup_legend(fig, [*axes[1], *axes[0]], loc="outside right center", title="policy")
+            axes[0, col].set_title(f"{run}, {budget_set} budgets\nfull-recompute: {b.prefill_tokens_per_s:.0f} "
+                                   f"prefill tokens/s, TTFT p50 {b.ttft_p50_s:.2f} s", fontsize=9.5)
+    _dedup_legend(fig, used[1::2] + used[0::2], loc="outside right center", title="policy")
     fig.suptitle(title, fontsize=TITLE_SIZE)
     _note(fig, "Ratios to full-recompute measured in the same trace (the line at 1.0).\nPrefill tokens: every "
                "turn's restored history plus its new input. Points shifted sideways to keep equal values visible.")
