@@ -221,7 +221,18 @@ class PlanPricing:
         return cls(int(n_tokens), adapter.n_layers, adapter.n_kv_heads, adapter.head_dim, int(e), pairs,
                    method, params if method != "share" else {}, dict(codec) if codec else None)
 
+    def _memo(self, key: tuple, compute) -> int:
+        """`compute()` once per `key` for this pricing (its bytes are pure in their arguments, and
+        the scheduler prices about a thousand candidate splits per offload over a few segments)."""
+        memo = self.__dict__.setdefault("_bytes_memo", {})  # not a field: eq, hash and repr ignore it
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     def pair_bytes(self, n_segment: int, offset: int = 0) -> int:
+        return self._memo(("pair", int(n_segment), int(offset)), lambda: self._pair_bytes(int(n_segment), int(offset)))
+
+    def _pair_bytes(self, n_segment: int, offset: int) -> int:
         if self.codec:
             shapes = pair_shapes(self.method, n_segment, self.n_kv_heads, self.head_dim, offset=offset,
                                  **self.params)
@@ -234,8 +245,9 @@ class PlanPricing:
         """Bytes of one layer's exact K and V over `n_segment` tokens (quantized under the codec)."""
         if self.codec and n_segment > 0:
             shape = (1, self.n_kv_heads, int(n_segment), self.head_dim)
-            return quantized_payload_nbytes("exact", {"keys": shape, "values": shape}, int(self.codec["bits"]),
-                                            int(self.codec.get("group", 64)), self.elem_bytes)
+            return self._memo(("exact", int(n_segment)), lambda: quantized_payload_nbytes(
+                "exact", {"keys": shape, "values": shape}, int(self.codec["bits"]),
+                int(self.codec.get("group", 64)), self.elem_bytes))
         return exact_nbytes(n_segment, self.n_kv_heads, self.head_dim, self.elem_bytes)
 
     def layer_bytes(self, lengths: Sequence[int]) -> np.ndarray:
@@ -244,18 +256,19 @@ class PlanPricing:
         if lengths.shape != (self.n_layers,):
             raise ValueError(f"lengths need one entry per layer ({self.n_layers}); got {lengths.shape}")
         n = self.n_tokens
-        out = np.zeros(self.n_layers, dtype=np.float64)
-        paired = set()
+        if self.codec:
+            out = np.array([float(self.exact_bytes(n - int(x))) for x in lengths.tolist()])
+        else:  # exact K and V are linear in the tokens: every layer at once
+            out = np.maximum(n - lengths, 0).astype(np.float64) * exact_nbytes(1, self.n_kv_heads, self.head_dim,
+                                                                              self.elem_bytes)
+        for a, b in self.pairs:  # a paired layer loads its pairs' halves, nothing exact
+            out[a] = out[b] = 0.0
         for a, b in self.pairs:
-            paired.update((a, b))
             start = int(min(lengths[a], lengths[b]))
             if start < n:
-                nb = self.pair_bytes(n - start, offset=start)
-                out[a] += nb / 2
-                out[b] += nb / 2
-        for l in range(self.n_layers):
-            if l not in paired:
-                out[l] = self.exact_bytes(n - int(lengths[l]))
+                half = self.pair_bytes(n - start, offset=start) / 2
+                out[a] += half
+                out[b] += half
         return out
 
     def total_bytes(self, lengths: Sequence[int] | None = None) -> int:

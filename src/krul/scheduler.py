@@ -29,6 +29,7 @@ on the running machine by the caller (`RestoreRates`), never constants baked in 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence, Union
@@ -159,12 +160,17 @@ class RestoreSplit:
         return cls(tuple(d["lengths"]), int(d["n_tokens"]), d.get("t_recompute_s"), d.get("t_load_s"))
 
 
+@functools.lru_cache(maxsize=64)
 def _depth_weights(n_layers: int, slope: float) -> np.ndarray:
-    """s_l = 1 + slope * (1 - 2 l / (L - 1)), mean 1, non-increasing for slope >= 0."""
+    """s_l = 1 + slope * (1 - 2 l / (L - 1)), mean 1, non-increasing for slope >= 0 (read-only: it is
+    cached, since `choose_split` asks for the same weights about a thousand times per call)."""
     if n_layers == 1:
-        return np.ones(1)
-    l = np.arange(n_layers, dtype=np.float64)
-    return 1.0 + slope * (1.0 - 2.0 * l / (n_layers - 1))
+        w = np.ones(1)
+    else:
+        l = np.arange(n_layers, dtype=np.float64)
+        w = 1.0 + slope * (1.0 - 2.0 * l / (n_layers - 1))
+    w.setflags(write=False)
+    return w
 
 
 def pyramid_lengths(n_tokens: int, n_layers: int, recompute_ratio: float,
@@ -188,42 +194,64 @@ def pyramid_lengths(n_tokens: int, n_layers: int, recompute_ratio: float,
     -------
     (L,) ints, non-increasing, in [0, N], summing to round(r * N * L)
     """
-    if not 0.0 <= recompute_ratio <= 1.0:
-        raise ValueError(f"recompute_ratio must be in [0, 1]; got {recompute_ratio}")
+    return tuple(pyramid_lengths_grid(n_tokens, n_layers, [recompute_ratio], slope)[0].tolist())
+
+
+def pyramid_lengths_grid(n_tokens: int, n_layers: int, recompute_ratios: Sequence[float],
+                         slope: float = 1.0) -> np.ndarray:
+    """`pyramid_lengths` at many recompute ratios at once (the scheduler's grid): row i equals
+    `pyramid_lengths(n_tokens, n_layers, recompute_ratios[i], slope)` exactly, element for element.
+
+    Returns
+    -------
+    (len(recompute_ratios), L) int64
+    """
+    ratios = [float(r) for r in recompute_ratios]
+    if any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise ValueError(f"recompute_ratio must be in [0, 1]; got {next(r for r in ratios if not 0.0 <= r <= 1.0)}")
     if slope < 0:
         raise ValueError(f"slope must be >= 0 (shallow layers recompute more); got {slope}")
     if n_tokens < 0 or n_layers < 0:
         raise ValueError(f"n_tokens and n_layers must be >= 0; got {n_tokens}, {n_layers}")
     n, big_l = int(n_tokens), int(n_layers)
-    total = int(round(recompute_ratio * n * big_l))
+    totals = np.array([int(round(r * n * big_l)) for r in ratios], dtype=np.int64)
+    out = np.zeros((len(ratios), big_l), dtype=np.int64)
     if big_l == 0:
-        return ()
-    if total <= 0:
-        return (0,) * big_l
-    if total >= n * big_l:
-        return (n,) * big_l
-    y = n * recompute_ratio * _depth_weights(big_l, slope)
+        return out
+    out[totals >= n * big_l] = n
+    rows = np.flatnonzero((totals > 0) & (totals < n * big_l))
+    if not rows.size:
+        return out
+    total = totals[rows]
+    y = (n * np.asarray(ratios)[rows])[:, None] * _depth_weights(big_l, slope)[None, :]  # (M, L)
     # g(c) = sum(clip(y + c, 0, N)) is piecewise linear and non-decreasing: solve g(c) = total exactly
-    # on the segment between consecutive breakpoints.
-    bp = np.unique(np.concatenate([-y, n - y]))
-    g = np.clip(y[None, :] + bp[:, None], 0, n).sum(axis=1)
-    j = int(np.searchsorted(g, total, side="left"))
-    j = min(max(j, 1), len(bp) - 1)
-    c0, c1, g0, g1 = bp[j - 1], bp[j], g[j - 1], g[j]
-    c = c1 if g1 == g0 else c0 + (total - g0) * (c1 - c0) / (g1 - g0)
-    x = np.clip(y + c, 0, n)
+    # on the segment between consecutive breakpoints (g(-max y) = 0 < total < N L = g(N - min y)).
+    bp = np.sort(np.concatenate([-y, n - y], axis=1), axis=1)  # (M, 2L)
+    g = np.clip(y[:, None, :] + bp[:, :, None], 0, n).sum(axis=2)  # (M, 2L), non-decreasing
+    j = np.clip((g < total[:, None]).sum(axis=1), 1, 2 * big_l - 1)[:, None]  # first g >= total
+    c0, c1 = np.take_along_axis(bp, j - 1, 1)[:, 0], np.take_along_axis(bp, j, 1)[:, 0]
+    g0, g1 = np.take_along_axis(g, j - 1, 1)[:, 0], np.take_along_axis(g, j, 1)[:, 0]
+    flat = g1 == g0
+    c = np.where(flat, c1, c0 + (total - g0) * (c1 - c0) / np.where(flat, 1.0, g1 - g0))
+    x = np.clip(y + c[:, None], 0, n)
     fl = np.floor(x)
     frac = x - fl
     lengths = fl.astype(np.int64)
-    k = total - int(lengths.sum())
-    if 0 < k <= big_l:
-        # Largest remainder; within a run of equal floors the fractions are non-increasing with
-        # depth, so the +1s go to a prefix of each run and the result stays non-increasing.
-        order = sorted((l for l in range(big_l) if lengths[l] < n), key=lambda l: (-frac[l], l))
-        for l in order[:k]:
-            lengths[l] += 1
-    _fix_sum(lengths, total, n)
-    return tuple(int(v) for v in lengths)
+    k = total - lengths.sum(axis=1)
+    # Largest remainder where 0 < k <= L: the k open layers (L_l < N) of largest fraction, ties to
+    # shallower layers. Within a run of equal floors the fractions are non-increasing with depth, so
+    # the +1s go to a prefix of each run and the result stays non-increasing.
+    open_ = lengths < n
+    order = np.argsort(np.where(open_, -frac, np.inf), axis=1, kind="stable")
+    take = ((np.arange(big_l)[None, :] < k[:, None]) & (k[:, None] <= big_l)
+            & np.take_along_axis(open_, order, 1))
+    add = np.zeros_like(lengths)
+    np.put_along_axis(add, order, take.astype(np.int64), axis=1)
+    lengths += add
+    for i in np.flatnonzero(lengths.sum(axis=1) != total):
+        _fix_sum(lengths[i], int(total[i]), n)
+    out[rows] = lengths
+    return out
 
 
 def _fix_sum(lengths: np.ndarray, total: int, n: int) -> None:
@@ -431,15 +459,16 @@ def _choose_for_slope(n_tokens: int, n_layers: int, rates: RestoreRates, priced,
     total_max = n_tokens * n_layers
     cache: dict[float, tuple[float, float, float, tuple[int, ...], float, float]] = {}
 
-    def evaluate(r: float):
+    def evaluate(r: float, arr: np.ndarray | None = None):
         if r not in cache:
-            lengths = pyramid_lengths(n_tokens, n_layers, r, slope)
-            arr = np.asarray(lengths, dtype=np.int64)
+            if arr is None:
+                arr = pyramid_lengths_grid(n_tokens, n_layers, [r], slope)[0]
             t_rec, t_load = stream_times(arr, rates, priced(arr))
-            cache[r] = (max(t_rec, t_load), r, t_rec - t_load, lengths, t_rec, t_load)
+            cache[r] = (max(t_rec, t_load), r, t_rec - t_load, tuple(arr.tolist()), t_rec, t_load)
         return cache[r]
 
-    grid = [evaluate(i / (n_grid - 1)) for i in range(n_grid)]
+    ratios = [i / (n_grid - 1) for i in range(n_grid)]
+    grid = [evaluate(r, arr) for r, arr in zip(ratios, pyramid_lengths_grid(n_tokens, n_layers, ratios, slope))]
     best = min(grid, key=lambda e: (e[0], e[1]))
     if total_max > 0:
         # The grid cell where T_rec - T_load turns >= 0.
@@ -453,8 +482,12 @@ def _choose_for_slope(n_tokens: int, n_layers: int, rates: RestoreRates, priced,
                     lo = mid
                 else:
                     hi = mid
-            for total in range(max(0, hi - n_layers - 1), min(total_max, hi + n_layers) + 1):
-                cand = evaluate(total / total_max)
+            scan = [total / total_max for total in range(max(0, hi - n_layers - 1), min(total_max, hi + n_layers) + 1)]
+            todo = [r for r in scan if r not in cache]
+            for r, arr in zip(todo, pyramid_lengths_grid(n_tokens, n_layers, todo, slope)):
+                evaluate(r, arr)
+            for r in scan:
+                cand = evaluate(r)
                 if (cand[0], cand[1]) < (best[0], best[1]):
                     best = cand
     single = min(grid[0], grid[-1], key=lambda e: (e[0], e[1]))

@@ -134,7 +134,9 @@ def boundary_mass(maps: Tensor, query_positions: Tensor, edge_ratio: float = 0.1
     for q0 in range(0, n_q, q_chunk):
         mask = _boundary_mask(query_positions[q0:q0 + q_chunk], n_k, edge_ratio)
         x = maps[:, :, q0:q0 + q_chunk, :].to(torch.float32)
-        out += (x * mask.to(torch.float32)).sum(dim=(2, 3)).to(torch.float64)
+        # each query row's edge mass as one float32 dot over its keys (a batched product: no
+        # (L, H, q, k) temporary), the rows summed in float64
+        out += torch.einsum("lhqk,qk->lhq", x, mask.to(torch.float32)).to(torch.float64).sum(dim=2)
     return out
 
 

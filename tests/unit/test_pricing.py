@@ -52,6 +52,21 @@ def test_plan_pricing_equals_state_kv_bytes(method):
         assert per_layer.shape == (n_layers,) and np.all(per_layer >= 0)
 
 
+def test_pricing_memo_changes_neither_answers_nor_identity():
+    """A pricing answers the same before and after it has priced many splits (its bytes are memoized
+    per segment), and equals and prints as a fresh one."""
+    pricing = PlanPricing(300, 6, H, D, 2, ((0, 1), (3, 5)), "svd", {"rank_ratio": 0.5})
+    fresh = PlanPricing(300, 6, H, D, 2, ((0, 1), (3, 5)), "svd", {"rank_ratio": 0.5})
+    splits = [[300, 250, 100, 60, 20, 0], [0] * 6, [300] * 6, [120, 120, 90, 90, 10, 10]]
+    first = [pricing.layer_bytes(x).tolist() for x in splits]
+    for _ in range(3):
+        assert [pricing.layer_bytes(x).tolist() for x in splits] == first
+    assert first == [PlanPricing(300, 6, H, D, 2, ((0, 1), (3, 5)), "svd", {"rank_ratio": 0.5}).layer_bytes(x).tolist()
+                     for x in splits]
+    assert pricing == fresh and repr(pricing) == repr(fresh)
+    assert pricing.layer_bytes([300] * 6).tolist() == [0.0] * 6  # everything recomputed: nothing loaded
+
+
 def test_uncompressed_pricing_is_linear():
     """Without pairs, a layer's bytes are its loaded tokens times one layer's K and V bytes."""
     pricing = PlanPricing(100, 4, H, D, 2)

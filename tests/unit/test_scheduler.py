@@ -7,7 +7,7 @@ import pytest
 
 from krul.scheduler import (
     RestoreRates, RestoreSplit, bound_recompute_ratio, bound_s, cake_split, choose_split, fixed_split,
-    issue_schedule, predict, pyramid_lengths,
+    issue_schedule, predict, pyramid_lengths, pyramid_lengths_grid,
 )
 
 # Synthetic rate settings: (rates, per-layer bytes per loaded token) for L = 8 layers.
@@ -43,6 +43,25 @@ def test_pyramid_shape(n_tokens, slope):
         assert sum(lengths) == round(r * n_tokens * L)
         if n_tokens:
             assert abs(RestoreSplit(lengths, n_tokens).recompute_ratio - r) <= 0.5 / (n_tokens * L)
+
+
+@pytest.mark.parametrize("n_tokens,n_layers", [(0, 8), (1, 8), (7, 3), (997, 30), (4000, 32), (5, 1), (9, 0)])
+@pytest.mark.parametrize("slope", [0.0, 1.0, 4.0, 64.0])
+def test_pyramid_grid_rows_equal_single_ratios(n_tokens, n_layers, slope):
+    """Each row of the batched grid is the split of its ratio alone, whatever else is in the batch
+    (endpoints, repeats and ratios that need the largest-remainder pass or none)."""
+    rng = random.Random(n_tokens * 31 + n_layers)
+    ratios = [0.0, 1.0, 0.5, 0.5, 1e-9, 1 - 1e-9] + [rng.random() for _ in range(60)]
+    rng.shuffle(ratios)
+    grid = pyramid_lengths_grid(n_tokens, n_layers, ratios, slope)
+    assert grid.shape == (len(ratios), n_layers) and grid.dtype == np.int64
+    for r, row in zip(ratios, grid):
+        single = pyramid_lengths(n_tokens, n_layers, r, slope)
+        assert tuple(row.tolist()) == single, r
+        assert sum(single) == round(r * n_tokens * n_layers)
+        assert all(a >= b for a, b in zip(single, single[1:]))
+    with pytest.raises(ValueError, match="recompute_ratio"):
+        pyramid_lengths_grid(10, 4, [0.2, 1.5])
 
 
 def test_pyramid_endpoints_and_slopes():
