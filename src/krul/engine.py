@@ -27,6 +27,7 @@ The engine knows nothing about file paths, plotting or where conversations come 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -221,6 +222,13 @@ class Engine:
         if self.scorer is None:
             self.scorer = AttentionScores(self.adapter)
         return self.scorer
+
+    def model_work(self):
+        """A context holding the model and the attention estimator for one piece of work (a
+        forward, a restore's recompute, a read of the estimator's sums, a policy's validation
+        forwards) against other engines sharing them (`krul.trace`'s sessions lock it); none here,
+        where one engine owns them. A policy's plan and build outside those need none."""
+        return contextlib.nullcontext()
 
     def _forward(self, conversation_id: str, input_ids: torch.Tensor, cache, logits_to_keep: int = 0):
         """A forward of new tokens; through the attention estimator when the policy needs one, or

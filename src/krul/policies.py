@@ -223,7 +223,8 @@ class RestorePolicy:
         plan = self.plan(engine, conversation_id, n_layers, segment, n_old)
         state = self.build(engine, token_ids, layers_kv, previous, plan)
         if self.validate_tokens:
-            state = self.validated(engine, token_ids, layers_kv, previous, plan, state)
+            with engine.model_work():  # forwards of the model
+                state = self.validated(engine, token_ids, layers_kv, previous, plan, state)
         return engine.store.put(conversation_id, state)
 
     def build(self, engine, token_ids: list[int], layers_kv, previous: StoredState | None, plan) -> StoredState:

@@ -5,10 +5,11 @@ arrives at a Poisson time, and after each turn its user "thinks" for an exponent
 next message (both seeded). A pool of worker threads serves the turns that are due, in order of due
 time, through one `store.TieredStore` under byte budgets (so states are evicted, demoted down the
 tiers, deleted and recomputed as the budgets require). One model serves every worker: its forwards
-(the restore's recompute, the prefill, the decode, the attention estimator's capture) are serialized
-by one lock, because attention capture and the attention implementation are per model and
-concurrent forwards would collide; store reads and writes, compression and tokenization of other
-sessions run meanwhile.
+(the restore's recompute, the prefill, the decode, the attention estimator's capture and the reads
+of its sums, a policy's validation forwards: `Engine.model_work`) are serialized by one lock,
+because attention capture and the attention implementation are per model and concurrent forwards
+would collide; store reads and writes, a policy's planning and compression, and tokenization of
+other sessions run meanwhile.
 
 A turn prefills the real user message over the restored history and produces its first token (the
 history is teacher-forced: the data's real replies); a seeded sample of turns (`spot_ratio`) decodes
@@ -193,32 +194,23 @@ def _locked_engine_class():
         """An engine whose model work runs under the trace's shared lock (one model, many sessions)."""
 
         lock: threading.RLock = None
-        lock_offload: bool = False
+
+        def model_work(self):
+            return self.lock
 
         def _forward(self, *args, **kwargs):
-            with self.lock:
+            with self.model_work():
                 return super()._forward(*args, **kwargs)
 
         def _restore(self, *args, **kwargs):  # the restore's recompute runs the model
-            with self.lock:
+            with self.model_work():
                 return super()._restore(*args, **kwargs)
 
+        def similarity_stats(self, conversation_id: str):  # waits on the estimator's reductions
+            with self.model_work():
+                return super().similarity_stats(conversation_id)
+
     return TraceEngine
-
-
-class _LockedPolicy:
-    """A policy whose offload holds the model lock (it reads the shared estimator, or validates
-    plans with forwards); everything else is the policy's."""
-
-    def __init__(self, policy, lock):
-        self._policy, self._lock = policy, lock
-
-    def __getattr__(self, name):
-        return getattr(self._policy, name)
-
-    def offload(self, *args, **kwargs):
-        with self._lock:
-            return self._policy.offload(*args, **kwargs)
 
 
 def _percentiles(values) -> dict:
@@ -248,11 +240,9 @@ def run_policy(adapter, policy, schedule: Schedule, cfg: TraceConfig, *, rates=N
     store = make_tiered_store(budgets, root=Path(root) / policy.name, ttl_s=ttl)
     lock = threading.RLock()
     TraceEngine = _locked_engine_class()
-    used_policy = _LockedPolicy(policy, lock) if (policy.needs_estimator or policy.validate_tokens) else policy
     engines = []
     for _ in schedule.turns:
         e = TraceEngine(adapter, policy, store, max_new_tokens=1, estimator=estimator, rates=rates)
-        e.policy = used_policy
         e.lock = lock
         engines.append(e)
     n_total = sum(len(t) for t in schedule.turns)

@@ -53,7 +53,7 @@ def test_every_turn_is_served_and_lossless_policies_pass_the_spot_check(report):
     assert load["demotions"] > 0 and load["deletions"] > 0 and load["fallbacks"] > 0
     # which tier a resumed turn hits depends on the sessions' real-time interleaving (a loaded machine
     # reorders them), so only the budget is asserted here; test_store_tiers checks the demotion chain
-    assert load["tiers"]["disk"]["peak_bytes"] <= 300 << 10
+    assert load["tiers"]["disk"]["peak_bytes"] <= 200 << 10
 
 
 def test_report_has_percentiles_throughput_tiers_ratios_and_provenance(report):
@@ -73,6 +73,34 @@ def test_report_has_percentiles_throughput_tiers_ratios_and_provenance(report):
     assert prov["seed"] == 3 and prov["config"]["n_conversations"] == 6
     json.dumps(report)
     assert len(summary(report)) == 4
+
+
+def test_a_policys_compression_runs_outside_the_model_lock(tiny_chat, monkeypatch):
+    """Only model work holds the trace's lock: a krul policy reads the estimator's sums under it, and
+    builds (schedules, compresses) its state without it, so other sessions' forwards go on meanwhile."""
+    from krul.engine import Engine
+    from krul.policies import RestorePolicy
+    from krul.scheduler import RestoreRates
+
+    seen = {"stats": [], "build": []}
+    stats, build = Engine.similarity_stats, RestorePolicy.build
+
+    def stats_spy(engine, conversation_id):
+        seen["stats"].append(engine.model_work()._is_owned())
+        return stats(engine, conversation_id)
+
+    def build_spy(policy, engine, *args, **kwargs):
+        seen["build"].append(engine.model_work()._is_owned())
+        return build(policy, engine, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "similarity_stats", stats_spy)
+    monkeypatch.setattr(RestorePolicy, "build", build_spy)
+    rates = RestoreRates(recompute_s_per_token=1e-5, load_bytes_per_s=1e9)
+    out = run_trace(tiny_chat, _conversations(3, 2), _cfg(n_conversations=3, workers=2, policies=("krul",)),
+                    progress=False, rates=rates)
+    assert out["policies"][0]["turns"] == 6 and not out["policies"][0]["errors"]
+    assert seen["stats"] and all(seen["stats"])
+    assert len(seen["build"]) == 6 and not any(seen["build"])
 
 
 def test_the_schedule_is_seeded(tiny_chat):
