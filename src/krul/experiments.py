@@ -247,7 +247,7 @@ def _git(*args: str) -> str | None:
 
 
 def env_record(device: str = "cpu") -> dict:
-    """Git sha (and dirtiness), package versions, device, host and time of this run."""
+    """Git sha (and tracked changes outside results/), package versions, device, host and time of this run."""
     import importlib.metadata as md
 
     versions = {}
@@ -259,7 +259,8 @@ def env_record(device: str = "cpu") -> dict:
             versions[pkg] = None
     rec = {
         "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # tracked changes outside results/ (a run writing into a committed reference is not one)
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
         "versions": versions, "python": sys.version.split()[0], "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "device": device, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }

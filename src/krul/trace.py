@@ -398,7 +398,9 @@ def provenance(cfg: TraceConfig, adapter) -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     device = str(adapter.device)
-    rec = {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    # dirty: tracked changes outside results/ (a run writing into a committed reference is not one)
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
+    rec = {"git_sha": git("rev-parse", "HEAD"), "git_dirty": dirty,
            "versions": versions, "python": sys.version.split()[0], "platform": platform.platform(),
            "processor": platform.processor(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device": device, "model": adapter.name, "dtype": str(adapter.dtype),
