@@ -72,6 +72,10 @@ class AttentionEstimator:
         buffer while earlier ones are reduced by the worker; when none is free the forward waits for
         the oldest reduction. More buffers = more of the host reduction overlapped with the GPU (with
         ceil(q / block_size) buffers a whole prefill is), at n_host_buffers blocks of pinned memory.
+    keep_host_buffer_bytes : int
+        CPU model only: prefill blocks are copied into one host buffer reused from block to block
+        (a fresh buffer of hundreds of MB faults its pages in again each time); it is kept between
+        forwards while it is at most this many bytes, and freed at the end of a forward otherwise.
 
     Attributes
     ----------
@@ -84,7 +88,8 @@ class AttentionEstimator:
     """
 
     def __init__(self, adapter, edge_ratio: float = 0.1, block_size: int = 256,
-                 map_dtype: torch.dtype = torch.float32, n_host_buffers: int = 2):
+                 map_dtype: torch.dtype = torch.float32, n_host_buffers: int = 2,
+                 keep_host_buffer_bytes: int = 256 << 20):
         if not 0.0 < edge_ratio <= 0.5:
             raise ValueError(f"edge_ratio must be in (0, 0.5]; got {edge_ratio}")
         if int(block_size) < 1:
@@ -98,6 +103,8 @@ class AttentionEstimator:
         self.block_size = int(block_size)
         self.map_dtype = map_dtype
         self.n_host_buffers = int(n_host_buffers)
+        self.keep_host_buffer_bytes = int(keep_host_buffer_bytes)
+        self._host_flat: Tensor | None = None  # the CPU model's reused block buffer (flat)
         self.n_layers: int = adapter.n_layers
         self.n_heads: int = adapter.n_heads
         self.peak_map_bytes = 0
@@ -169,6 +176,9 @@ class AttentionEstimator:
                     outs.append(logits)
                 elif keep > 0:
                     outs.append(logits[:, -keep:])
+        flat = self._host_flat
+        if flat is not None and flat.numel() * flat.element_size() > self.keep_host_buffer_bytes:
+            self._host_flat = None
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def stats(self, conversation_id: str) -> SimilarityStats | None:
@@ -264,8 +274,7 @@ class AttentionEstimator:
         elif blk.mode == "cpu":
             t0 = time.perf_counter()
             if blk.buf is None:
-                with torch.inference_mode(False):
-                    blk.buf = torch.empty(self.n_layers, *maps.shape, dtype=self.map_dtype)
+                blk.buf = self._host_block(self.n_layers, *maps.shape)
                 self._hold(blk.buf.numel() * blk.buf.element_size())
             blk.buf[layer_idx].copy_(maps)
             self._add_time("prefill_cpu", time.perf_counter() - t0)
@@ -274,6 +283,17 @@ class AttentionEstimator:
         blk.n_seen += 1
         if blk.n_seen == self.n_layers:
             self._finish_block(blk)
+
+    def _host_block(self, *shape: int) -> Tensor:
+        """A (n_layers, heads, q, k) view of the reused host buffer, grown (to this forward's
+        largest block, `_capacity_hint`) when it is too small. Only one block uses it at a time: a
+        CPU block is reduced before the next one starts."""
+        n = shape[0] * shape[1] * shape[2] * shape[3]
+        if self._host_flat is None or self._host_flat.numel() < n:
+            self._host_flat = None  # the old one goes before the new one is made
+            with torch.inference_mode(False):  # plain tensors, even when called inside inference mode
+                self._host_flat = torch.empty(max(n, self._capacity_hint), dtype=self.map_dtype)
+        return self._host_flat[:n].view(shape)
 
     def _finish_block(self, blk: _Block) -> None:
         host, dev = self._host[blk.conversation_id], self._device[blk.conversation_id]

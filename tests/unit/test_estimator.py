@@ -158,6 +158,25 @@ def test_peak_map_bytes_bounded_by_block(adapter):
     assert peaks[8] < peaks[40] / 4
 
 
+def test_host_buffer_is_reused_and_kept_only_when_small(adapter):
+    """On a CPU model the prefill blocks share one host buffer (sized for the forward's largest
+    block), kept for the next forward only up to keep_host_buffer_bytes; sums are unchanged."""
+    history, prompt = token_ids(10, 8), token_ids(40, 9)
+    largest = 8 * (10 + 40) * N_LAYERS * N_HEADS * 4  # the last 8-query block over 50 keys
+    kept = AttentionEstimator(adapter, block_size=8)
+    run_turn(adapter, kept, history, prompt, n_decode=0)
+    flat = kept._host_flat
+    assert flat is not None and flat.numel() * 4 == largest
+    run_turn(adapter, kept, history, prompt, n_decode=0, conversation_id="d")
+    assert kept._host_flat is flat  # the same memory served the second forward's blocks
+    freed = AttentionEstimator(adapter, block_size=8, keep_host_buffer_bytes=largest - 1)
+    run_turn(adapter, freed, history, prompt, n_decode=0)
+    assert freed._host_flat is None
+    for other in (kept.stats("d"), freed.stats("c")):
+        torch.testing.assert_close(other.sq_dist, kept.stats("c").sq_dist, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(other.boundary, kept.stats("c").boundary, rtol=1e-5, atol=1e-9)
+
+
 def test_logits_to_keep_across_blocks(adapter):
     """Asking for the last n logits when they span several blocks returns exactly those n rows."""
     prompt = token_ids(23, 10)
