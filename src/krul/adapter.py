@@ -310,7 +310,7 @@ class ModelAdapter:
         # without materialising n_rep copies of K and V each step (what made decode slow).
         q_grouped = query.reshape(batch, n_kv, n_rep * n_q, head_dim)
         # scaled and masked in place: the same values as eager's out-of-place ops, without two more
-        # (heads, q, k) allocations per layer (fresh pages on every call: a fifth of a CPU prefill)
+        # (heads, q, k) allocations per layer (fresh pages on every call, a visible part of a CPU prefill)
         attn_weights = torch.matmul(q_grouped, key.transpose(2, 3)).mul_(scaling).view(batch, n_heads, n_q, n_k)
         if attention_mask is None and n_q > 1:
             rows = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
@@ -318,8 +318,10 @@ class ModelAdapter:
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 attn_weights.masked_fill_(~attention_mask, torch.finfo(attn_weights.dtype).min)
-            else:
+            elif attention_mask.dtype == attn_weights.dtype:
                 attn_weights.add_(attention_mask)
+            else:  # eager's type promotion (a float32 mask over bf16 scores gives float32)
+                attn_weights = attn_weights + attention_mask
         probs = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32)
         observer = ModelAdapter._capture_observers.get(id(module.config))
         if observer is not None:

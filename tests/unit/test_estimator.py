@@ -253,3 +253,27 @@ def test_cuda_pinned_prefill_and_device_decode_equal_brute_force(n_host_buffers)
     # n_host_buffers blocks at most: those reduced on the host while the next is copied
     assert est.peak_map_bytes <= n_host_buffers * N_LAYERS * N_HEADS * 8 * 60 * 4
     est.close()
+
+
+@pytest.mark.parametrize("dtype,mask_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)])
+def test_capturing_attention_computes_eager_values(dtype, mask_dtype):
+    """The capturing attention (grouped queries, scores scaled and masked in place) returns what
+    transformers' eager attention returns, for an additive mask of the scores' dtype or a wider one."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    n_q, n_k, head_dim = 5, 9, 8
+    query = torch.randn(1, N_HEADS, n_q, head_dim, generator=g).to(dtype)
+    key, value = (torch.randn(1, N_KV_HEADS, n_k, head_dim, generator=g).to(dtype) for _ in range(2))
+    causal = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+    mask = torch.where(causal, 0.0, torch.finfo(mask_dtype).min).to(mask_dtype)[None, None]
+    module = SimpleNamespace(num_key_value_groups=N_HEADS // N_KV_HEADS, training=False,
+                             config=SimpleNamespace(), layer_idx=0)
+    got_out, got_w = ModelAdapter._capture_attention_forward(module, query, key, value, mask, 0.35)
+    want_out, want_w = eager_attention_forward(module, query, key, value, mask, 0.35)
+    assert got_out.dtype == want_out.dtype and got_w.dtype == want_w.dtype
+    torch.testing.assert_close(got_w, want_w)
+    torch.testing.assert_close(got_out, want_out)
