@@ -238,14 +238,6 @@ def resolve_device(device: str = "auto") -> str:
 # provenance and saving
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - no git, not a repository: provenance says so
-        return None
-
-
 def env_record(device: str = "cpu") -> dict:
     """Git sha (and tracked changes outside results/), package versions, device, host and time of this run."""
     import importlib.metadata as md
@@ -258,9 +250,7 @@ def env_record(device: str = "cpu") -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     rec = {
-        "git_sha": _git("rev-parse", "HEAD"),
-        # tracked changes outside results/ (a run writing into a committed reference is not one)
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
+        **paths.git_state(),
         "versions": versions, "python": sys.version.split()[0], "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "device": device, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }

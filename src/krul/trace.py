@@ -33,7 +33,6 @@ import heapq
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -383,13 +382,7 @@ def provenance(cfg: TraceConfig, adapter) -> dict:
 
     import torch
 
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
+    from krul.paths import git_state
 
     versions = {}
     for pkg in ("krul", "torch", "transformers", "numpy"):
@@ -398,9 +391,7 @@ def provenance(cfg: TraceConfig, adapter) -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     device = str(adapter.device)
-    # dirty: tracked changes outside results/ (a run writing into a committed reference is not one)
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
-    rec = {"git_sha": git("rev-parse", "HEAD"), "git_dirty": dirty,
+    rec = {**git_state(),
            "versions": versions, "python": sys.version.split()[0], "platform": platform.platform(),
            "processor": platform.processor(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device": device, "model": adapter.name, "dtype": str(adapter.dtype),
